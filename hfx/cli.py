@@ -1,0 +1,120 @@
+"""The ``hfx`` command line: ``hfx <command> [options]``; ``python -m hfx`` is the same.
+
+Each command is a pair of small functions below, ``_add_<name>`` (its arguments) and ``_run_<name>``
+(the call into the library), listed once in :data:`COMMANDS`. Heavy imports happen inside the run
+functions so ``hfx --help`` answers quickly.
+
+Exit status: 0 on success, 2 on a usage error (argparse), 1 when the command fails on bad input; such a
+failure prints one line naming the problem (set ``HFX_TRACEBACK=1`` for the full traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable
+from importlib import metadata
+
+# Distributions reported by `hfx env`, in the order users look for them.
+STACK = ["hfx", "torch", "torchvision", "transformers", "diffusers", "peft", "accelerate", "datasets", "timm",
+         "evaluate", "open_clip_torch", "huggingface_hub", "safetensors", "tokenizers", "numpy", "scipy", "scikit-learn"]
+
+
+# ---------------------------------------------------------------------------------------------- env
+def _add_env(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def environment_report() -> dict[str, str]:
+    """Versions of Python, torch and the HF stack, and what the devices can do (like ``transformers env``)."""
+    report = {"platform": platform.platform(), "python": platform.python_version()}
+    for name in STACK:
+        try:
+            report[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            report[name] = "not installed"
+    import torch
+
+    report["torch"] = torch.__version__  # carries the build tag (+cu130, +cpu)
+    report["cpu threads"] = str(torch.get_num_threads())
+    report["cuda available"] = str(torch.cuda.is_available())
+    if torch.cuda.is_available():
+        report["cuda version"] = str(torch.version.cuda)
+        report["gpus"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        report["bf16 supported (gpu)"] = str(torch.cuda.is_bf16_supported())
+    else:
+        report["gpus"] = "none"
+    report["mps available"] = str(bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()))
+    report["bf16 autocast (cpu)"] = str(_cpu_bf16_works(torch))
+    for var in ("HF_HOME", "HF_ENDPOINT", "HF_HUB_OFFLINE", "ACCELERATE_USE_CPU"):
+        if os.environ.get(var):
+            report[var] = os.environ[var]
+    return report
+
+
+def _cpu_bf16_works(torch) -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = torch.nn.functional.linear(torch.ones(2, 2), torch.ones(2, 2))
+        return out.dtype == torch.bfloat16
+    except RuntimeError:
+        return False
+
+
+def _run_env(args: argparse.Namespace) -> int:
+    report = environment_report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("Copy-and-paste the text below in your GitHub issue.\n")
+        width = max(map(len, report))
+        for key, value in report.items():
+            print(f"- {key + ':':<{width + 1}} {value}")
+    return 0
+
+
+# name -> (one-line help, add-arguments function, run function). Add a command with one line here.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "env": ("print versions of torch and the HF stack, the devices, and CUDA/bf16 support", _add_env, _run_env),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hfx import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="hfx",
+        description="hfx: modern deep-learning methods as Hugging Face ecosystem artifacts.",
+        epilog="Run `hfx <command> --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"hfx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (help_text, add, _) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command][2](args) or 0
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        if os.environ.get("HFX_TRACEBACK"):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"hfx {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"hfx {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""Datasets that exist on every machine, with no download: the sklearn digits and the Python stdlib.
+
+Both return a :class:`datasets.DatasetDict` with deterministic ``train`` and ``test`` splits, so a recipe
+run anywhere sees the same examples in the same splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import sysconfig
+import tokenize
+from pathlib import Path
+
+import datasets
+import numpy as np
+from PIL import Image
+
+DIGIT_NAMES = [str(i) for i in range(10)]
+
+# Folders of the stdlib that hold test fixtures, generated tables or vendored packages rather than
+# the library's own code: excluded so the corpus is the real, idiomatic source.
+_STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
+                         "lib2to3", "ensurepip", "pydoc_data"}
+
+
+def digits(image_size: int = 16, test_size: float = 0.2, seed: int = 0) -> datasets.DatasetDict:
+    """The 1,797 labelled 8x8 sklearn digits as greyscale images.
+
+    Args:
+        image_size: side of the square output images; the 8x8 originals are resized with bilinear
+            interpolation (8 keeps them unchanged).
+        test_size: fraction of each class held out as ``test`` (stratified, so both splits keep the
+            class balance).
+        seed: seed of the split; the same seed gives the same split on every machine.
+
+    Returns:
+        ``DatasetDict(train, test)`` with columns ``image`` (PIL, mode ``"L"``, values 0..255) and
+        ``label`` (``ClassLabel`` with names ``"0"``..``"9"``). Every original image is in exactly one split.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"test_size must be in (0, 1), got {test_size!r}")
+    bunch = load_digits()
+    # The originals hold integers 0..16; 255/16 maps them exactly onto 0..255.
+    pixels = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = bunch.target.astype(np.int64)
+    order = np.arange(len(labels))
+    train_idx, test_idx = train_test_split(order, test_size=test_size, random_state=seed, stratify=labels)
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=DIGIT_NAMES)})
+
+    def split(indices: np.ndarray) -> datasets.Dataset:
+        indices = np.sort(indices)
+        images = [_to_pil(pixels[i], image_size) for i in indices]
+        return datasets.Dataset.from_dict(
+            {"image": images, "label": labels[indices].tolist()}, features=features,
+            info=datasets.DatasetInfo(description=f"sklearn digits at {image_size}x{image_size}, split seed {seed}",
+                                      features=features),
+        )
+
+    return datasets.DatasetDict(train=split(train_idx), test=split(test_idx))
+
+
+def _to_pil(pixels: np.ndarray, image_size: int) -> Image.Image:
+    image = Image.fromarray(pixels, mode="L")
+    if image_size != pixels.shape[0]:
+        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return image
+
+
+def stdlib_files(max_files: int | None = None) -> list[Path]:
+    """The running interpreter's standard library ``.py`` files, sorted by path relative to the stdlib
+    root (so the selection is the same on every machine with the same Python), test folders excluded.
+    ``max_files`` keeps an evenly spaced subset of that order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        (p for p in root.rglob("*.py") if not _STDLIB_EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    if max_files is not None:
+        if max_files < 1:
+            raise ValueError(f"max_files must be >= 1, got {max_files}")
+        if max_files < len(files):
+            picks = np.linspace(0, len(files) - 1, max_files).round().astype(int)
+            files = [files[i] for i in picks]
+    return files
+
+
+def stdlib_text(
+    max_files: int | None = None,
+    chunk_chars: int | None = None,
+    min_chars: int = 200,
+    test_percent: float = 5.0,
+) -> datasets.DatasetDict:
+    """Real Python source text: the standard library of the running interpreter.
+
+    Args:
+        max_files: keep an evenly spaced subset of this many files (``None``: all of them, about 600).
+        chunk_chars: split each file into pieces of at most this many characters, cut at line ends
+            (``None``: one example per file).
+        min_chars: drop files (and trailing chunks) shorter than this.
+        test_percent: share of FILES held out as ``test``. A file's split depends only on a hash of its
+            relative path, so adding or removing other files never moves it.
+
+    Returns:
+        ``DatasetDict(train, test)`` with columns ``text`` and ``path`` (relative to the stdlib root).
+        The Python version is recorded in each split's ``info.description``.
+    """
+    if chunk_chars is not None and chunk_chars < 1:
+        raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}")
+    if not 0.0 < test_percent < 100.0:
+        raise ValueError(f"test_percent must be in (0, 100), got {test_percent}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rows: dict[str, dict[str, list[str]]] = {"train": {"text": [], "path": []}, "test": {"text": [], "path": []}}
+    for path in stdlib_files(max_files):
+        try:
+            with tokenize.open(path) as handle:  # honours the file's encoding declaration
+                text = handle.read()
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        rel = path.relative_to(root).as_posix()
+        bucket = int(hashlib.sha1(rel.encode()).hexdigest()[:8], 16) % 10_000
+        split = "test" if bucket < test_percent * 100 else "train"
+        for piece in _chunks(text, chunk_chars):
+            if len(piece) >= min_chars:
+                rows[split]["text"].append(piece)
+                rows[split]["path"].append(rel)
+    version = ".".join(map(str, sys.version_info[:3]))
+    info = f"CPython {version} standard library source ({root})"
+    return datasets.DatasetDict(
+        {name: datasets.Dataset.from_dict(cols, info=datasets.DatasetInfo(description=info)) for name, cols in rows.items()}
+    )
+
+
+def _chunks(text: str, chunk_chars: int | None) -> list[str]:
+    if chunk_chars is None or len(text) <= chunk_chars:
+        return [text]
+    pieces, current, size = [], [], 0
+    for line in text.splitlines(keepends=True):
+        while len(line) > chunk_chars:  # a single over-long line: hard cut
+            if current:
+                pieces.append("".join(current))
+                current, size = [], 0
+            pieces.append(line[:chunk_chars])
+            line = line[chunk_chars:]
+        if size + len(line) > chunk_chars and current:
+            pieces.append("".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += len(line)
+    if current:
+        pieces.append("".join(current))
+    return pieces
+
+
+BUILTIN_DATASETS = {"digits": digits, "stdlib-text": stdlib_text}
+
+
+def builtin_dataset(name: str, **options) -> datasets.DatasetDict:
+    """Load an embedded dataset by name (see :data:`BUILTIN_DATASETS`); ``options`` go to its builder.
+
+    Raises:
+        ValueError: unknown ``name`` (the message lists the valid names) or an option the dataset
+            does not take (the message lists those it does).
+    """
+    import inspect
+
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(f"unknown built-in dataset {name!r}; valid names: {', '.join(sorted(BUILTIN_DATASETS))}")
+    builder = BUILTIN_DATASETS[name]
+    accepted = list(inspect.signature(builder).parameters)
+    bad = [key for key in options if key not in accepted]
+    if bad:
+        raise ValueError(f"built-in dataset {name!r} has no option {', '.join(map(repr, bad))}; its options: {', '.join(accepted)}")
+    return builder(**options)
