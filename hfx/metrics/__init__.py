@@ -1,0 +1,58 @@
+"""Generative-model metrics: FID, KID, Inception Score, precision/recall, LPIPS, CLIP score, divergences.
+
+Layers, bottom up: :mod:`~hfx.metrics.functional` and :mod:`~hfx.metrics.divergences` (pure float64 math
+on features), :mod:`~hfx.metrics.statistics` (streaming, mergeable moments), :mod:`~hfx.metrics.extractors`
+(images -> features), :mod:`~hfx.metrics.lpips` and :mod:`~hfx.metrics.clip_score` (image-pair and
+image-text scores), and :mod:`~hfx.metrics.modules` (the same as ``evaluate`` modules; load them with
+``evaluate.load(hfx.metrics.module_path("fid"))``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hfx.metrics.divergences import (
+    empirical_distributions,
+    js_divergence,
+    kl_divergence,
+    total_variation,
+    wasserstein_1d,
+)
+from hfx.metrics.functional import (
+    MeanStd,
+    PrecisionRecall,
+    frechet_distance,
+    frechet_distance_from_statistics,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+)
+from hfx.metrics.statistics import FeatureStatistics
+
+EVALUATE_MODULES = ("fid", "kid", "inception_score", "precision_recall", "lpips", "clip_score")
+
+
+def module_path(name: str) -> str:
+    """Folder of the ``evaluate`` module ``name`` (one of :data:`EVALUATE_MODULES`), for ``evaluate.load``."""
+    if name not in EVALUATE_MODULES:
+        raise ValueError(f"unknown metric module {name!r}; choose from {', '.join(EVALUATE_MODULES)}")
+    return str(Path(__file__).parent / "evaluate_modules" / name)
+
+
+__all__ = [
+    "EVALUATE_MODULES",
+    "FeatureStatistics",
+    "MeanStd",
+    "PrecisionRecall",
+    "empirical_distributions",
+    "frechet_distance",
+    "frechet_distance_from_statistics",
+    "inception_score",
+    "js_divergence",
+    "kernel_inception_distance",
+    "kl_divergence",
+    "module_path",
+    "precision_recall",
+    "total_variation",
+    "wasserstein_1d",
+]
