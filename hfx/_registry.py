@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import importlib
 
-# (config class path, {Auto class name: model class path}), e.g.
-# ("hfx.models.vae.configuration_vae:HfxVAEConfig", {"AutoModel": "hfx.models.vae.modeling_vae:HfxVAEModel"}).
-AUTO_MODELS: list[tuple[str, dict[str, str]]] = []
+# (config class path, {Auto class name: model class path}).
+AUTO_MODELS: list[tuple[str, dict[str, str]]] = [
+    ("hfx.models.vae.configuration_vae:HfxVAEConfig", {"AutoModel": "hfx.models.vae.modeling_vae:HfxVAEModel"}),
+]
 
 # Modules whose import registers something with a library that offers no registration API of its own
 # (peft's method tables) or that must sit in sys.modules before diffusers can load a component or a
 # pipeline saved by hfx (diffusers looks components up in sys.modules and never imports them).
-MODULES_TO_IMPORT: list[str] = []
+MODULES_TO_IMPORT: list[str] = ["hfx.peft"]
 
 
 def _resolve(dotted: str):

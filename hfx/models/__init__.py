@@ -1,0 +1,1 @@
+"""Model families: each folder is `configuration_<family>.py` + `modeling_<family>.py`, self-contained."""
