@@ -38,12 +38,14 @@ def test_wheel_installs_and_finds_its_resources(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--quiet", str(wheel)],
                    check=True, timeout=300)
 
+    recipes = sorted(p.stem for p in (REPO / "training" / "configs").glob("*.yaml"))
+    assert recipes, "training/configs holds no recipe"
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     probe = (
         "import hfx, hfx.resources as r; print(hfx.__file__); "
-        "print(r.resource_dir('training')); print(r.resource_dir('hub_cards')); "
-        "print(r.training_config('classify-digits'))"
+        "print(r.resource_dir('training')); print(r.resource_path('hub_cards', 'model.md')); "
+        f"[print(r.training_config(name)) for name in {recipes!r}]"
     )
     out = subprocess.run([str(py), "-c", probe], cwd=outside, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
