@@ -17,7 +17,7 @@ AUTO_MODELS: list[tuple[str, dict[str, str]]] = [
 # Modules whose import registers something with a library that offers no registration API of its own
 # (peft's method tables) or that must sit in sys.modules before diffusers can load a component or a
 # pipeline saved by hfx (diffusers looks components up in sys.modules and never imports them).
-MODULES_TO_IMPORT: list[str] = ["hfx.peft"]
+MODULES_TO_IMPORT: list[str] = ["hfx.peft", "hfx.pipelines"]
 
 
 def _resolve(dotted: str):
