@@ -1,0 +1,41 @@
+"""hfx's additions to peft: ReLoRA (config, tuner, restart logic, jagged schedule, Trainer callback).
+
+Importing this package (``import hfx`` does) registers the methods with peft, so ``get_peft_model``,
+``PeftConfig.from_pretrained`` and ``PeftModel.from_pretrained`` know them. Registration is idempotent.
+"""
+
+from hfx.peft._registration import HfxPeftType, register_peft_method
+from hfx.peft.relora import (
+    ReLoraCallback,
+    ReLoraConfig,
+    ReLoraLinear,
+    ReLoraModel,
+    ReLoraRestartStats,
+    get_jagged_cosine_schedule,
+    get_relora_schedule,
+    is_restart_step,
+    jagged_cosine_multiplier,
+    prune_optimizer_state,
+    relora_config_of,
+    relora_layers,
+    relora_restart,
+)
+
+register_peft_method(HfxPeftType.RELORA, ReLoraConfig, ReLoraModel, prefix="lora_")
+
+__all__ = [
+    "HfxPeftType",
+    "ReLoraCallback",
+    "ReLoraConfig",
+    "ReLoraLinear",
+    "ReLoraModel",
+    "ReLoraRestartStats",
+    "get_jagged_cosine_schedule",
+    "get_relora_schedule",
+    "is_restart_step",
+    "jagged_cosine_multiplier",
+    "prune_optimizer_state",
+    "relora_config_of",
+    "relora_layers",
+    "relora_restart",
+]

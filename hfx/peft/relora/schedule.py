@@ -1,0 +1,122 @@
+"""ReLoRA's jagged cosine learning-rate schedule, as a pure function of the step and as a ``LambdaLR``.
+
+Linear warm-up over ``warmup_steps``, then one cosine envelope from 1 down to ``min_lr_ratio`` at
+``num_training_steps``. At every restart the multiplier drops to 0 and ramps linearly, over
+``restart_warmup_steps``, to the envelope's value at the end of the ramp (the formula of the reference
+code, github.com/Guitaricet/relora). Example: 20,000 steps, warm-up 500, restart every 5,000, restart warm-up
+100 -> step 5,000: 0.0, 5,050: 0.441, 5,100: 0.882, 19,999: 0.1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def is_restart_step(step: int, *, relora_steps: int, first_restart_offset: int = 0) -> bool:
+    """Whether a ReLoRA restart follows ``step`` completed optimizer steps.
+
+    Restarts come every ``relora_steps`` steps counted from ``first_restart_offset`` (the end of a full-rank
+    warm start, 0 without one): at ``offset + k * relora_steps``, ``k >= 1``.
+    """
+    since = step - first_restart_offset
+    return since > 0 and since % relora_steps == 0
+
+
+def _cosine_envelope(step: int, num_training_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    progress = (step - warmup_steps) / max(1, num_training_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def jagged_cosine_multiplier(
+    step: int,
+    *,
+    num_training_steps: int,
+    warmup_steps: int,
+    relora_steps: int,
+    restart_warmup_steps: int,
+    min_lr_ratio: float = 0.1,
+    first_restart_offset: int = 0,
+) -> float:
+    """The LR multiplier (of the peak LR) for the optimizer step taken after ``step`` completed steps.
+
+    It is 0 right after each restart (``step`` a restart step, see :func:`is_restart_step`), so merge and
+    optimizer-state pruning happen where the LR is 0.
+    """
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    since = step - first_restart_offset
+    restarted = since >= relora_steps or (first_restart_offset > 0 and since >= 0)
+    into_cycle = since % relora_steps if since >= 0 else None
+    if restarted and into_cycle is not None and into_cycle < restart_warmup_steps:
+        ramp_end = step - into_cycle + restart_warmup_steps
+        envelope = _cosine_envelope(ramp_end, num_training_steps, warmup_steps, min_lr_ratio)
+        return into_cycle / max(1, restart_warmup_steps) * envelope
+    return _cosine_envelope(step, num_training_steps, warmup_steps, min_lr_ratio)
+
+
+class JaggedCosineMultiplier:
+    """A picklable callable form of :func:`jagged_cosine_multiplier` (``LambdaLR`` saves its attributes in
+    ``state_dict``, so a resumed scheduler gets back the same schedule)."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+    def __call__(self, step: int) -> float:
+        return jagged_cosine_multiplier(step, **self.__dict__)
+
+
+def get_jagged_cosine_schedule(
+    optimizer: torch.optim.Optimizer,
+    *,
+    num_training_steps: int,
+    relora_steps: int,
+    restart_warmup_steps: int,
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.1,
+    first_restart_offset: int = 0,
+    last_epoch: int = -1,
+) -> LambdaLR:
+    """A ``LambdaLR`` following the jagged cosine schedule (same arguments as :func:`jagged_cosine_multiplier`).
+
+    Raises:
+        ValueError: a non-positive ``relora_steps`` or ``num_training_steps``, or a restart warm-up as long as a cycle.
+    """
+    if num_training_steps <= 0 or relora_steps <= 0:
+        raise ValueError(f"num_training_steps ({num_training_steps}) and relora_steps ({relora_steps}) must be > 0")
+    if not 0 <= restart_warmup_steps < relora_steps:
+        raise ValueError(f"restart_warmup_steps ({restart_warmup_steps}) must be >= 0 and < relora_steps ({relora_steps})")
+    multiplier = JaggedCosineMultiplier(
+        num_training_steps=num_training_steps,
+        warmup_steps=warmup_steps,
+        relora_steps=relora_steps,
+        restart_warmup_steps=restart_warmup_steps,
+        min_lr_ratio=min_lr_ratio,
+        first_restart_offset=first_restart_offset,
+    )
+    return LambdaLR(optimizer, multiplier, last_epoch=last_epoch)
+
+
+def get_relora_schedule(optimizer: torch.optim.Optimizer, *, num_training_steps: int, config, **overrides) -> LambdaLR:
+    """The jagged schedule a :class:`ReLoraConfig` describes (restarts after its full-rank warm start)."""
+    kwargs = dict(
+        relora_steps=config.relora_steps,
+        restart_warmup_steps=config.restart_warmup_steps,
+        warmup_steps=config.warmup_steps,
+        min_lr_ratio=config.min_lr_ratio,
+        first_restart_offset=config.full_rank_warmup_steps,
+    )
+    kwargs.update(overrides)
+    return get_jagged_cosine_schedule(optimizer, num_training_steps=num_training_steps, **kwargs)
+
+
+__all__ = [
+    "JaggedCosineMultiplier",
+    "get_jagged_cosine_schedule",
+    "get_relora_schedule",
+    "is_restart_step",
+    "jagged_cosine_multiplier",
+]
