@@ -120,10 +120,109 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- evaluate
+def _add_evaluate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--generated", required=True, metavar="DIR",
+                        help="folder of generated images (searched recursively)")
+    parser.add_argument("--reference", required=True, metavar="SPEC",
+                        help="a folder of images, a .npz written by --save-reference (or pytorch-fid mu/sigma: "
+                             "FID only), or a dataset hfx.data.load knows, optionally with a split: digits:test")
+    parser.add_argument("--extractor", required=True, metavar="SPEC",
+                        help="inception:<weights.pth>, timm:<model>[:<weights>], open_clip:<model>[:<weights>], "
+                             "open_clip:local-dir:<folder>, hf:<save_pretrained folder>; 'random' for random weights")
+    parser.add_argument("--image-column", default="image", help="image column of a dataset reference (default image)")
+    parser.add_argument("--limit", type=int, default=None, help="use at most this many images per side")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per extractor batch (default 64)")
+    parser.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
+    parser.add_argument("--kid-subset-size", type=int, default=1000,
+                        help="KID subset size, lowered to the smaller side (default 1000)")
+    parser.add_argument("--k", type=int, default=3, help="neighbourhood size of precision/recall (default 3)")
+    parser.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (default 10)")
+    parser.add_argument("--save-reference", metavar="NPZ", help="also save the reference features and statistics here")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _image_files(folder) -> list:
+    from hfx.data.loading import IMAGE_EXTENSIONS
+
+    return [p for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+
+
+def _open_images(files):
+    from PIL import Image
+
+    for path in files:
+        with Image.open(path) as image:
+            yield image.convert("RGB") if image.mode not in ("L", "RGB") else image.copy()
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    import hfx  # noqa: F401  (registers hfx architectures, so hf:<folder> extractors of hfx models load)
+    from hfx.metrics.extractors import load_extractor
+    from hfx.metrics.scoring import ExtractedFeatures, extract_features, generative_scores
+
+    generated_dir = Path(args.generated)
+    if not generated_dir.is_dir():
+        raise FileNotFoundError(f"--generated folder {args.generated!r} does not exist")
+    generated_files = _image_files(generated_dir)[: args.limit]
+    if not generated_files:
+        raise ValueError(f"--generated folder {args.generated!r} holds no images")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    extractor = load_extractor(args.extractor, device=device)
+    generated = extract_features(extractor, _open_images(generated_files), args.batch_size,
+                                 total=len(generated_files), description="generated")
+    reference_path = Path(args.reference)
+    if args.reference.endswith(".npz"):
+        reference = ExtractedFeatures.load(reference_path)
+        reference_name = f"{reference_path.name} (saved features)"
+    elif reference_path.is_dir():
+        files = _image_files(reference_path)[: args.limit]
+        if not files:
+            raise ValueError(f"--reference folder {args.reference!r} holds no images")
+        reference = extract_features(extractor, _open_images(files), args.batch_size, total=len(files),
+                                     description="reference")
+        reference_name = str(reference_path)
+    else:
+        from hfx.data import load
+
+        name, _, split = args.reference.partition(":")
+        splits = load(name)
+        if (split or "test") not in splits:
+            raise ValueError(f"dataset {name!r} has no split {split or 'test'!r}; splits: {', '.join(splits)}")
+        dataset = splits[split or "test"]
+        if args.image_column not in dataset.column_names:
+            raise ValueError(f"dataset {name!r} has no column {args.image_column!r}; columns: {dataset.column_names}")
+        images = list(dataset[args.image_column])[: args.limit]
+        reference = extract_features(extractor, images, args.batch_size, description="reference")
+        reference_name = f"{name}:{split or 'test'}"
+    if args.save_reference:
+        if not isinstance(reference, ExtractedFeatures):
+            raise ValueError("--save-reference needs a reference of images, not a .npz")
+        reference.save(args.save_reference)
+    report = generative_scores(generated, reference, extractor=extractor.describe(), kid_subsets=args.kid_subsets,
+                               kid_subset_size=args.kid_subset_size, k=args.k, is_splits=args.is_splits)
+    report = {"generated": str(generated_dir), "reference": reference_name, **report}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        width = max(map(len, report))
+        for key, value in report.items():
+            shown = f"{value:.6g}" if isinstance(value, float) else "; ".join(value) if isinstance(value, list) else value
+            print(f"{key + ':':<{width + 1}} {shown}")
+    return 0
+
+
 # name -> (one-line help, add-arguments function, run function). Add a command with one line here.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "env": ("print versions of torch and the HF stack, the devices, and CUDA/bf16 support", _add_env, _run_env),
     "sample": ("sample an image grid from a class-conditional diffusion pipeline", _add_sample, _run_sample),
+    "evaluate": ("FID, KID, IS, precision/recall of generated images vs a reference, with N and the extractor",
+                 _add_evaluate, _run_evaluate),
 }
 
 

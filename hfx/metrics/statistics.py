@@ -120,10 +120,11 @@ class FeatureStatistics:
         return (cov + cov.T) / 2  # exact symmetry, which the eigen-decompositions downstream rely on
 
     # ----------------------------------------------------------------------------------- save/load
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, **extra_arrays: np.ndarray) -> Path:
         """Write the statistics to ``path`` (``.npz``) atomically; returns the path.
 
-        The file holds ``n``, ``sum``, ``sum_outer`` and, for other tools, ``mu`` and ``sigma``.
+        The file holds ``n``, ``sum``, ``sum_outer`` and, for other tools, ``mu`` and ``sigma``, plus any
+        ``extra_arrays`` (e.g. the features themselves, which KID and precision/recall need).
         """
         path = Path(path)
         if path.suffix != ".npz":
@@ -135,6 +136,10 @@ class FeatureStatistics:
                            _SUM_OUTER: self.sum_outer.cpu().numpy()})
         else:
             arrays[_COUNT] = np.array(self.n)
+        clashes = set(extra_arrays) & {_SUM, _SUM_OUTER, _COUNT, _MEAN, _COV}
+        if clashes:
+            raise ValueError(f"extra arrays may not use the statistics' names: {sorted(clashes)}")
+        arrays.update(extra_arrays)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
         os.close(fd)
         try:
