@@ -1,0 +1,684 @@
+"""The one training loop of hfx, under Accelerate.
+
+:meth:`Trainer.fit` runs, for every batch: data, forward, loss, backward, (on the last micro-batch of an
+accumulation window) NaN guard, clip, optimizer step, schedule, then EMA, callbacks, log, eval and
+checkpoint, in that order, once. A task (``hfx.trainers.tasks``) supplies only its models, data, the loss
+of a batch, its evaluation and its artifact. Launch with ``hfx train CONFIG key=value ...`` or
+``accelerate launch [--config_file training/accelerate/<setup>.yaml] -m hfx train CONFIG``.
+
+Everything a run writes goes into ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl``,
+``logs/`` (TensorBoard), ``checkpoint-<step>/`` and ``final/`` (the task's ``save_pretrained`` artifact with
+a model card). A checkpoint holds models, optimizers, grad scaler and RNG states (``accelerator.save_state``)
+plus schedulers, EMA, callback state and the counters (step, epoch, batches consumed in the epoch), so a
+resumed run continues exactly as the uninterrupted one: the sampler is accelerate's seedable sampler
+(same order every run) and the loader has its own generator, so no data-side draw shifts the global RNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from hfx.trainers import checkpoint as ckpt
+from hfx.trainers.callbacks import Callback, build_callbacks
+from hfx.trainers.config import TrainConfig, dump_yaml, load_config, optimizer_config, to_dict
+from hfx.trainers.ema import EMA
+from hfx.trainers.schedules import SCHEDULES
+from hfx.trainers.tasks import get_task
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite and ``train.nan_policy`` is ``stop``."""
+
+
+@dataclass
+class TrainState:
+    """The counters a checkpoint restores (all but the weights, optimizers and RNG)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    """Micro-batches of the current epoch already consumed (resume skips exactly these)."""
+    samples_seen: int = 0
+    skipped_steps: int = 0
+    best_metric: float | None = None
+    evals_without_improvement: int = 0
+    train_seconds: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path | None
+    global_step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    stop_reason: str = "max_steps"
+    """``max_steps``, ``early_stopping``, ``signal`` (a checkpoint was saved; exit code 128 + signal)."""
+    signal: int | None = None
+
+
+def train(source: str | Path | dict | TrainConfig, overrides: list[str] | None = None,
+          callbacks: list[Callback] = ()) -> TrainResult:
+    """Train from a recipe (path, shipped recipe name, mapping, or a loaded :class:`TrainConfig`)."""
+    config = source if isinstance(source, TrainConfig) else load_config(source, overrides)
+    return Trainer(config, callbacks).fit()
+
+
+class Trainer:
+    """Runs one training job described by a validated :class:`TrainConfig`.
+
+    Callbacks and tasks reach the run through: ``global_step``, ``state``, ``models`` (prepared),
+    :meth:`unwrapped`, ``optimizers`` (accelerate-wrapped; ``.optimizer`` is the torch one),
+    ``schedulers``, ``ema``, ``accelerator``, ``config``.
+    """
+
+    def __init__(self, config: TrainConfig, callbacks: list[Callback] = ()):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.state = TrainState()
+        self._extra_callbacks = list(callbacks)
+        self._signal: int | None = None
+
+    @property
+    def global_step(self) -> int:
+        return self.state.global_step
+
+    def unwrapped(self, name: str) -> torch.nn.Module:
+        """The model ``name`` without DDP/FSDP/compile wrappers (the object whose weights are trained)."""
+        return self.accelerator.unwrap_model(self.models[name])
+
+    # ================================================================================== the run
+    def fit(self) -> TrainResult:
+        self._setup()
+        with self._signal_handlers():
+            stop_reason = self._loop()
+        return self._finish(stop_reason)
+
+    def _loop(self) -> str:
+        acc, state, task = self.accelerator, self.state, self.task
+        self._progress = tqdm(total=self.total_steps, initial=state.global_step, desc="train", dynamic_ncols=True,
+                              disable=not acc.is_local_main_process)
+        self._tick = (time.perf_counter(), state.samples_seen)
+        while state.global_step < self.total_steps:
+            for batch in self._epoch_batches():
+                state.batches_in_epoch += 1
+                with acc.accumulate(*self.models.values()):
+                    for phase in task.phases(state.global_step):
+                        self._forward_backward(batch, phase)
+                        if acc.sync_gradients:
+                            self._optimizer_step(phase)
+                if not acc.sync_gradients:
+                    continue
+                state.global_step += 1
+                state.samples_seen += self.global_batch_size
+                stop_reason = self._after_step()
+                if stop_reason:
+                    return stop_reason
+                if state.global_step >= self.total_steps:
+                    break
+            else:  # the epoch ran out (not a break): the next one starts from its first batch
+                state.epoch += 1
+                state.batches_in_epoch = 0
+        return "max_steps"
+
+    def _forward_backward(self, batch, phase: str) -> None:
+        """Forward and loss of one micro-batch under autocast, then backward (scaled for accumulation
+        and fp16 by accelerate). Only the parameters of ``phase``'s optimizer require gradients."""
+        with self._only_trainable(phase):
+            with self.accelerator.autocast():
+                out = self.task.loss(self._phase_models[phase], batch, phase)
+            loss, extra = out if isinstance(out, tuple) else (out, {})
+            self.accelerator.backward(loss)
+        window = self._window.setdefault(phase, {})
+        for key, value in {"loss": loss, **extra}.items():
+            value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+            window[key] = window.get(key, 0.0) + value / self.accumulation
+
+    def _optimizer_step(self, phase: str) -> None:
+        """The NaN guard, clipping, the step and the schedule of one optimizer, once per window."""
+        cfg, acc = self.config.train, self.accelerator
+        optimizer, window = self.optimizers[phase], self._window.pop(phase)
+        if not self._all_finite(window["loss"]):
+            message = (f"loss of {phase!r} is {window['loss'].item()} at step {self.state.global_step + 1}; "
+                       "lower optimizer.lr, enable train.max_grad_norm, or set train.nan_policy=skip")
+            if cfg.nan_policy == "stop":
+                raise NonFiniteLossError(message)
+            logger.warning("skipping the optimizer step: %s", message)
+            optimizer.zero_grad(set_to_none=True)
+            self.state.skipped_steps += 1
+            return
+        if cfg.max_grad_norm is not None:
+            window["grad_norm"] = acc.clip_grad_norm_(self._phase_params[phase], cfg.max_grad_norm)
+        optimizer.step()
+        if not optimizer.step_was_skipped and self._per_step_schedule:
+            self.schedulers[phase].step()
+        optimizer.zero_grad(set_to_none=True)
+        logged = self._log_window.setdefault(phase, {})
+        for key, value in window.items():
+            logged[key] = logged.get(key, 0.0) + value.detach().float()
+        logged["_count"] = logged.get("_count", 0) + 1
+
+    def _after_step(self) -> str | None:
+        """Everything that follows an optimizer step: callbacks, EMA, log, eval, checkpoint, stop."""
+        cfg, state = self.config, self.state
+        step = state.global_step
+        for callback in self.callbacks:
+            callback.on_step_end(self)
+        if self.ema and step % cfg.ema.update_every == 0:
+            for name, ema in self.ema.items():
+                ema.update(self.unwrapped(name))
+        self._progress.update(1)
+        if step % cfg.log.every_steps == 0 or step == self.total_steps:
+            self._log_train()
+        stop = None
+        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < self.total_steps:
+            if self._evaluate() and step < self.total_steps:
+                stop = "early_stopping"
+        saved = False
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+            self.save_checkpoint()
+            saved = True
+        if cfg.checkpoint.on_signal and self._signal_received():
+            if not saved:
+                self.save_checkpoint()
+            return "signal"
+        return stop
+
+    # ================================================================================== set-up
+    def _setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import (
+            DataLoaderConfiguration,
+            GradientAccumulationPlugin,
+            ProjectConfiguration,
+            set_seed,
+        )
+
+        cfg = self.config
+        self.accumulation = cfg.train.gradient_accumulation_steps
+        acc = self.accelerator = Accelerator(
+            mixed_precision=cfg.train.mixed_precision,
+            # Every optimizer step sees exactly `accumulation` micro-batches, also across an epoch end.
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.accumulation,
+                                                                    sync_with_dataloader=False),
+            # The seedable sampler gives the same order in every run, so resume can skip exactly.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+            # Schedules are stepped here, once per optimizer step (accelerate would step them once per process).
+            step_scheduler_with_optimizer=False,
+            log_with=cfg.log.report_to or None,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
+                                                logging_dir=str(self.output_dir / "logs")),
+        )
+        task = self.task = get_task(cfg.task)(cfg, acc)
+        resume_from = ckpt.resolve_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
+        if acc.is_main_process:
+            if resume_from is None:  # a new run: nothing of an earlier one may mix into its outputs
+                ckpt.clear_previous_run(self.output_dir)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
+            ckpt.prune(self.output_dir, None)  # .tmp folders of a killed save
+        acc.wait_for_everyone()
+        self.callbacks = [*task.callbacks(), *build_callbacks(cfg.callbacks), *self._extra_callbacks]
+
+        set_seed(cfg.seed)  # the same initial weights on every process and in every run
+        data = task.build_data()  # before any model: a missing dataset fails fast
+        models = task.build_models()
+        groups = task.optimizer_groups(models)
+        self._check_groups(models, groups)
+        task._model_names, task._optimizer_names = list(models), list(groups)
+        for model in models.values():
+            model.train()
+        optimizers = {name: build_optimizer([models[m] for m in members], optimizer_config(cfg, name))
+                      for name, members in groups.items()}
+
+        train_loader = self._loader(data.train, cfg.train.batch_size, data.collate_fn, shuffle=True)
+        eval_loader = None
+        if data.eval is not None:
+            eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+            eval_loader = self._loader(data.eval, eval_bs, data.collate_fn, shuffle=False)
+        prepared = acc.prepare(*models.values(), *optimizers.values(), train_loader,
+                               *([eval_loader] if eval_loader is not None else []))
+        n_models, n_opts = len(models), len(optimizers)
+        self.models = dict(zip(models, prepared[:n_models]))
+        self.optimizers = dict(zip(optimizers, prepared[n_models:n_models + n_opts]))
+        self.train_loader = prepared[n_models + n_opts]
+        self.eval_loader = prepared[n_models + n_opts + 1] if eval_loader is not None else None
+        if len(self.train_loader) < 1:
+            raise ValueError(f"the train split has {len(data.train)} examples, fewer than one batch of "
+                             f"{cfg.train.batch_size} per process x {acc.num_processes} process(es)")
+
+        self.global_batch_size = cfg.train.batch_size * acc.num_processes * self.accumulation
+        if cfg.train.max_steps is not None:
+            self.total_steps = cfg.train.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(cfg.train.epochs * len(self.train_loader) / self.accumulation))
+
+        self.schedulers = {name: self._schedule(opt) for name, opt in self.optimizers.items()}
+        self._per_step_schedule = cfg.scheduler.name != "plateau"
+        self.ema = {}
+        if cfg.ema.enabled:
+            self.ema = {name: EMA(self.unwrapped(name), cfg.ema.decay, cfg.ema.warmup) for name in task.ema_models()}
+
+        # In a phase, the models of that phase's optimizer run wrapped (DDP syncs their gradients); the
+        # others run unwrapped with frozen parameters (no DDP hooks waiting for gradients that never come).
+        self._phase_models, self._phase_params, self._frozen = {}, {}, {}
+        for name, members in groups.items():
+            self._phase_models[name] = {m: (self.models[m] if m in members else self.unwrapped(m)) for m in models}
+            self._phase_params[name] = [p for m in members for p in self.models[m].parameters()]
+            self._frozen[name] = [p for m in models if m not in members for p in self.models[m].parameters()
+                                  if p.requires_grad]
+        self._window: dict[str, dict[str, Any]] = {}
+        self._log_window: dict[str, dict[str, Any]] = {}
+        self._metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=acc.is_main_process)
+        self.last_eval: dict[str, float] = {}
+        self._last_eval_step = -1
+
+        if cfg.log.report_to:
+            acc.init_trackers(cfg.log.project_name, config=_flat_hparams(to_dict(cfg)))
+        set_seed(cfg.seed, device_specific=True)  # training randomness differs per process
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        elif cfg.resume_from_checkpoint == "latest":
+            logger.info("resume_from_checkpoint=latest: no checkpoint in %s, starting a new run", self.output_dir)
+        for callback in self.callbacks:
+            callback.on_train_begin(self)
+        logger.info("training %s: %d steps, global batch %d (%d process(es) x %d x %d accumulation)",
+                    cfg.task, self.total_steps, self.global_batch_size, acc.num_processes, cfg.train.batch_size,
+                    self.accumulation)
+
+    @staticmethod
+    def _check_groups(models: dict, groups: dict[str, list[str]]) -> None:
+        seen: dict[str, str] = {}
+        for name, members in groups.items():
+            for member in members:
+                if member not in models:
+                    raise ValueError(f"optimizer {name!r} lists model {member!r}, which the task did not build "
+                                     f"(models: {', '.join(models)})")
+                if member in seen:
+                    raise ValueError(f"model {member!r} is in optimizers {seen[member]!r} and {name!r}")
+                seen[member] = name
+
+    def _loader(self, dataset, batch_size: int, collate_fn, shuffle: bool):
+        # A private generator: creating an iterator draws a worker seed from it instead of the global RNG,
+        # so where an epoch starts does not shift the RNG stream a resumed run must reproduce.
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, collate_fn=collate_fn,
+            num_workers=self.config.data.num_workers, generator=torch.Generator().manual_seed(self.config.seed),
+        )
+
+    def _schedule(self, optimizer):
+        cfg = self.config.scheduler
+        options = dict(cfg.options)
+        if cfg.name == "plateau":
+            options.setdefault("mode", self.config.eval.mode)
+        try:
+            return SCHEDULES[cfg.name](optimizer.optimizer, total_steps=self.total_steps,
+                                       warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, **options)
+        except TypeError as err:
+            raise ValueError(f"scheduler {cfg.name!r}: {err} (check scheduler.options)") from None
+
+    def _epoch_batches(self):
+        loader = self.train_loader
+        if self.state.batches_in_epoch:
+            loader = self.accelerator.skip_first_batches(loader, self.state.batches_in_epoch)
+        _set_epoch(loader, self.state.epoch)
+        return loader
+
+    @contextlib.contextmanager
+    def _only_trainable(self, phase: str):
+        frozen = self._frozen[phase]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        bad = (~torch.isfinite(loss)).float().reshape(1).to(self.accelerator.device)
+        if self.accelerator.num_processes > 1:  # every process must take the same decision
+            bad = self.accelerator.reduce(bad, "sum")
+        return bad.item() == 0
+
+    # ================================================================================== log and eval
+    def _log_train(self) -> None:
+        acc, state = self.accelerator, self.state
+        now = time.perf_counter()
+        elapsed = now - self._tick[0]
+        state.train_seconds += elapsed
+        record: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch}
+        single = len(self.optimizers) == 1
+        for phase, window in sorted(self._log_window.items()):
+            count = window.pop("_count")
+            for key, total in window.items():
+                value = acc.reduce(torch.as_tensor(total, device=acc.device).float().reshape(1), "mean") / count
+                record[key if single else f"{key}/{phase}"] = value.item()
+        for phase, optimizer in self.optimizers.items():
+            lr = optimizer.optimizer.param_groups[0]["lr"]
+            record["lr" if single else f"lr/{phase}"] = lr
+        record["samples_per_s"] = (state.samples_seen - self._tick[1]) / max(elapsed, 1e-9)
+        self._log_window = {}
+        self._tick = (time.perf_counter(), state.samples_seen)
+        self._record(record)
+        shown = {k: f"{v:.4g}" for k, v in record.items() if k.startswith(("loss", "lr", "samples_per_s"))}
+        self._progress.set_postfix(shown, refresh=False)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self._metrics.write(record)
+        if self.config.log.report_to:
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Run the task's evaluation (EMA weights swapped in when ``ema.use_for_eval``), on all processes."""
+        if self.eval_loader is None:
+            return {}
+        for model in self.models.values():
+            model.eval()
+        with contextlib.ExitStack() as stack:
+            if self.config.ema.use_for_eval:
+                for name, ema in self.ema.items():
+                    stack.enter_context(ema.swapped_into(self.unwrapped(name)))
+            metrics = {k: float(v) for k, v in self.task.evaluate(self.models, self.eval_loader).items()}
+        for model in self.models.values():
+            model.train()
+        return metrics
+
+    def _evaluate(self) -> bool:
+        """Evaluate, log, feed plateau schedules and early stopping. Returns True when training should stop."""
+        cfg, state = self.config.eval, self.state
+        metrics = self.evaluate()
+        self.last_eval, self._last_eval_step = metrics, state.global_step
+        if metrics:
+            self._record({"step": state.global_step, **{f"eval/{k}": v for k, v in metrics.items()}})
+            logger.info("step %d: %s", state.global_step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        for callback in self.callbacks:
+            callback.on_evaluate(self, metrics)
+        if cfg.metric is None:
+            return False
+        if cfg.metric not in metrics:
+            raise ValueError(f"eval.metric {cfg.metric!r} is not among the task's metrics: {', '.join(metrics) or 'none'}")
+        value = metrics[cfg.metric]
+        if not self._per_step_schedule:
+            for scheduler in self.schedulers.values():
+                scheduler.step(value)
+        sign = 1.0 if cfg.mode == "min" else -1.0
+        if state.best_metric is None or sign * (state.best_metric - value) > cfg.min_delta:
+            state.best_metric, state.evals_without_improvement = value, 0
+        else:
+            state.evals_without_improvement += 1
+        patience = cfg.early_stopping_patience
+        if patience is not None and state.evals_without_improvement >= patience:
+            logger.info("early stopping at step %d: %s has not improved for %d evaluations (best %.4g)",
+                        state.global_step, cfg.metric, patience, state.best_metric)
+            return True
+        return False
+
+    # ================================================================================== checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-<step>`` atomically (all processes must call this)."""
+        from safetensors.torch import save_file
+
+        acc, step = self.accelerator, self.state.global_step
+        tmp = ckpt.temporary_dir(self.output_dir, step)
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))  # models, optimizers, scaler, RNG of every process
+        if acc.is_main_process:
+            callback_state = {}
+            for callback in self.callbacks:
+                state = callback.state_dict()
+                if state is not None:
+                    callback_state[callback.state_key or type(callback).__name__] = state
+            torch.save({"schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+                        "callbacks": callback_state}, tmp / "engine_state.pt")
+            if self.ema:
+                save_file({f"{name}/{k}": v.contiguous() for name, ema in self.ema.items()
+                           for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+        acc.wait_for_everyone()
+        final = tmp.with_name(f"checkpoint-{step}")
+        if acc.is_main_process:
+            self.state.train_seconds += time.perf_counter() - self._tick[0]
+            self._tick = (time.perf_counter(), self._tick[1])
+            final = ckpt.commit(tmp, dataclasses.asdict(self.state))
+            ckpt.prune(self.output_dir, self.config.checkpoint.total_limit)
+            logger.info("saved %s", final)
+        acc.wait_for_everyone()
+        for callback in self.callbacks:
+            callback.on_save(self, str(final))
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote; the metrics log is cut back to that step."""
+        from safetensors.torch import load_file
+
+        self.accelerator.load_state(str(path))
+        self.state = TrainState(**json.loads((path / ckpt.STATE_FILE).read_text()))
+        extra = torch.load(path / "engine_state.pt", map_location="cpu", weights_only=True)
+        for name, scheduler in self.schedulers.items():
+            scheduler.load_state_dict(extra["schedulers"][name])
+        for callback in self.callbacks:
+            key = callback.state_key or type(callback).__name__
+            if key in extra["callbacks"]:
+                callback.load_state_dict(extra["callbacks"][key])
+        if self.ema:
+            flat = load_file(str(path / "ema.safetensors"), device=str(self.accelerator.device))
+            for name, ema in self.ema.items():
+                ema.load_state_dict({k[len(name) + 1:]: v for k, v in flat.items() if k.startswith(name + "/")})
+        self._metrics.truncate_after(self.state.global_step)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.global_step,
+                    self.state.epoch, self.state.batches_in_epoch)
+
+    # ================================================================================== signals
+    @contextlib.contextmanager
+    def _signal_handlers(self):
+        if not self.config.checkpoint.on_signal or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            logger.warning("received signal %d: saving a checkpoint after this step, then exiting", signum)
+            self._signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, old in previous.items():
+                signal.signal(s, old)
+
+    def _signal_received(self) -> bool:
+        if self.accelerator.num_processes == 1:
+            return self._signal is not None
+        flag = torch.tensor([float(self._signal or 0)], device=self.accelerator.device)
+        received = self.accelerator.reduce(flag, "sum").item() > 0
+        if received and self._signal is None:
+            self._signal = signal.SIGTERM  # another process was signalled
+        return received
+
+    # ================================================================================== the end
+    def _finish(self, stop_reason: str) -> TrainResult:
+        acc, cfg = self.accelerator, self.config
+        self._progress.close()
+        if stop_reason == "signal":
+            acc.end_training()
+            return TrainResult(self.output_dir, None, self.state.global_step, self.last_eval, "signal", self._signal)
+        if cfg.eval.at_end and self._last_eval_step != self.state.global_step:
+            self._evaluate()
+        final = self.output_dir / "final"
+        self.save_final(final)
+        if acc.is_main_process:
+            results = {"step": self.state.global_step, "stop_reason": stop_reason, "train_seconds": self.state.train_seconds,
+                       "hardware": _hardware(), "processes": acc.num_processes,
+                       "skipped_steps": self.state.skipped_steps, **{f"eval/{k}": v for k, v in self.last_eval.items()}}
+            (self.output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        for callback in self.callbacks:
+            callback.on_train_end(self)
+        acc.end_training()
+        return TrainResult(self.output_dir, final, self.state.global_step, self.last_eval, stop_reason)
+
+    def save_final(self, final: Path) -> None:
+        """The task's artifact (EMA weights when ``ema.use_for_final``) plus a model card, written to
+        ``final.tmp`` and renamed."""
+        acc = self.accelerator
+        with contextlib.ExitStack() as stack:
+            if self.config.ema.use_for_final:
+                for name, ema in self.ema.items():
+                    stack.enter_context(ema.swapped_into(self.unwrapped(name)))
+            state_dicts = {name: acc.get_state_dict(model) for name, model in self.models.items()}
+            if acc.is_main_process:
+                tmp = final.with_name(final.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                unwrapped = {name: self.unwrapped(name) for name in self.models}
+                self.task.save(unwrapped, state_dicts, tmp)
+                write_model_card(tmp, self.config, self.last_eval, self.state,
+                                 self.task.hub_task_type, self.task.card(self.last_eval))
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+        acc.wait_for_everyone()
+
+
+# ====================================================================================== helpers
+def build_optimizer(models: list[torch.nn.Module], cfg) -> torch.optim.Optimizer:
+    """An optimizer over the trainable parameters of ``models``: weight decay on matrices and kernels,
+    none on biases and norm weights (tensors of rank < 2)."""
+    params = [p for model in models for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the optimizer has no trainable parameters (all requires_grad=False)")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    """Point the loader and its seedable sampler at ``epoch`` (the sampler's order is seed + epoch)."""
+    from accelerate.data_loader import SeedableRandomSampler
+
+    loader.set_epoch(epoch)
+    node, seen = loader, 0
+    while node is not None and seen < 8:  # loader -> batch sampler(s) -> sampler
+        if isinstance(node, SeedableRandomSampler):
+            node.set_epoch(epoch)
+            return
+        node = getattr(node, "batch_sampler", None) or getattr(node, "sampler", None)
+        seen += 1
+
+
+def _flat_hparams(config: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> flat scalars for trackers (TensorBoard hparams take only numbers and strings)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat_hparams(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[prefix + key] = value
+        else:
+            flat[prefix + key] = str(value)
+    return flat
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, written by the main process."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step`` (a killed run may have logged past its last checkpoint),
+        so the resumed run's curve continues without duplicates."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+
+def write_model_card(folder: Path, config: TrainConfig, metrics: dict[str, float], state: TrainState,
+                     task_type: str | None, extra: dict[str, Any]) -> None:
+    """Render ``hub_cards/model.md`` into ``folder/README.md``: the final evaluation as model-index and a
+    results table, how to load the artifact, the recipe, hardware and versions. (``hfx card`` re-renders a
+    richer card from the run folder; this one makes every ``final/`` self-describing.)"""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    import hfx
+    from hfx.resources import resource_path
+
+    extra = dict(extra)
+    model_name = extra.pop("model_name", None) or f"hfx-{config.task}-{Path(config.output_dir).name}"
+    dataset = config.data.dataset or "generated"
+    eval_results = [EvalResult(task_type=task_type, dataset_type=dataset, dataset_name=dataset,
+                               dataset_split=config.data.eval_split, metric_type=key, metric_value=round(value, 6))
+                    for key, value in metrics.items()] if task_type and metrics else None
+    card_data = ModelCardData(library_name=extra.pop("library_name", None), model_name=model_name,
+                              eval_results=eval_results, tags=["hfx", config.task], license="apache-2.0")
+    results = "No evaluation was run for this artifact."
+    if metrics:
+        rows = "\n".join(f"| {key} | {value:.6g} |" for key, value in metrics.items())
+        results = (f"Measured on `{dataset}` ({config.data.eval_split} split) at step {state.global_step}.\n\n"
+                   f"| metric | value |\n|---|---|\n{rows}")
+    summary = extra.pop("model_summary", None) or f"A model trained with hfx's `{config.task}` task."
+    versions = ", ".join(f"{name} {_version(name)}" for name in ("torch", "transformers", "accelerate", "timm"))
+    recipe = Path(config.recipe).name if config.recipe else None
+    variables = dict(
+        marker="hfx-card: rendered by `hfx train`", model_name=model_name, summary=summary, model_summary=summary,
+        results_section=results, results_table=results, method=config.task, task=config.task,
+        dataset=f"`{dataset}`", recipe=recipe or "inline config", steps=state.global_step, hardware=_hardware(),
+        train_time=f"{state.train_seconds / 60:.1f} min", versions=f"hfx {hfx.__version__}, {versions}",
+        command="hfx train config.yaml  # config.yaml: the resolved configuration below",
+        config_yaml=dump_yaml(config).strip(),
+        limitations="Trained for a short time on a small dataset: the numbers above hold for that data and "
+                    "that evaluation only. Measure the model on your own data before relying on it.",
+        **extra,
+    )
+    card = ModelCard.from_template(card_data, template_path=str(resource_path("hub_cards", "model.md")), **variables)
+    card.save(folder / "README.md")
+
+
+def _version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"{os.cpu_count()}-core {platform.machine()} CPU"

@@ -1,0 +1,196 @@
+"""``image-classification``: a timm model or a transformers image model on an image dataset.
+
+Model, by ``task_options.model``:
+
+- ``timm:<name>`` (``timm:resnet10t``): ``timm.create_model(name, in_chans=..., num_classes=...,
+  **model_options)``; saved as timm's Hub layout (``config.json`` + ``model.safetensors``), reloaded with
+  ``timm.create_model("local-dir:<final>", pretrained=True)``;
+- a transformers ``model_type`` (``resnet``, ``convnext``, ``vit``, ...): built from
+  ``AutoConfig.for_model(model_type, **model_options)`` with random weights;
+- a local folder or Hub name with ``pretrained: true``: ``AutoModelForImageClassification.from_pretrained``
+  with a new head for the dataset's labels. Transformers models are saved with ``save_pretrained``.
+
+Images are scaled to [0, 1] and normalised with ``(x - mean) / std``. Augmentation runs on the batch,
+on the training device, from the global RNG (which checkpoints restore), so a resumed run draws the same
+shifts and flips as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hfx.trainers.tasks.base import Task, TaskData, register_task
+
+
+@dataclass
+class ImageClassificationOptions:
+    model: str = "timm:resnet10t"
+    """``timm:<name>``, a transformers model type, or (with ``pretrained``) a folder / Hub name."""
+    model_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of ``timm.create_model`` or of the transformers config."""
+    pretrained: bool = False
+    weights: str | None = None
+    """timm only: a local weights file to start from (offline alternative to ``pretrained``)."""
+    image_column: str = "image"
+    label_column: str = "label"
+    image_size: int | None = None
+    """Resize (square) to this side; None keeps the dataset's size."""
+    mean: float = 0.5
+    std: float = 0.5
+    label_smoothing: float = 0.0
+    random_shift: int = 0
+    """Translate each training image by up to this many pixels in x and y (edge padding)."""
+    random_flip: bool = False
+    """Flip training images left-right with probability 0.5 (not for digits or text)."""
+
+
+def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Translate each image of ``images`` (B, C, H, W) by its own offsets in [-max_shift, max_shift]
+    (the border pixels repeat into the uncovered area). Returns the same shape."""
+    if max_shift <= 0:
+        return images
+    b, _, h, w = images.shape
+    padded = F.pad(images, (max_shift,) * 4, mode="replicate").permute(0, 2, 3, 1)  # B, H+2s, W+2s, C
+    dy = torch.randint(0, 2 * max_shift + 1, (b, 1), device=images.device)
+    dx = torch.randint(0, 2 * max_shift + 1, (b, 1), device=images.device)
+    rows = dy + torch.arange(h, device=images.device)  # B, H
+    cols = dx + torch.arange(w, device=images.device)  # B, W
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def random_flip(images: torch.Tensor) -> torch.Tensor:
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def logits_of(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Logits of a timm model (a tensor) or a transformers model (an output with ``.logits``)."""
+    out = model(pixel_values)
+    return out if torch.is_tensor(out) else out.logits
+
+
+@register_task("image-classification")
+class ImageClassificationTask(Task):
+    Options = ImageClassificationOptions
+    hub_task_type = "image-classification"
+
+    def build_data(self) -> TaskData:
+        opts, cfg = self.options, self.config.data
+        dataset = self.load_dataset()
+        train = dataset[cfg.train_split]
+        for column in (opts.image_column, opts.label_column):
+            if column not in train.column_names:
+                raise ValueError(f"dataset {cfg.dataset!r} has no column {column!r} (columns: "
+                                 f"{', '.join(train.column_names)}); set task_options.image_column / label_column")
+        feature = train.features[opts.label_column]
+        self.label_names = list(feature.names) if hasattr(feature, "names") else sorted(set(train[opts.label_column]))
+        first = train[0][opts.image_column]
+        self.mode = "L" if first.mode in ("L", "1", "I", "I;16", "F") else "RGB"
+        self.channels = 1 if self.mode == "L" else 3
+        self.size = opts.image_size or first.size[0]
+        transform = self._transform
+        splits = {"train": train.with_transform(transform)}
+        if cfg.eval_split is not None:
+            splits["eval"] = dataset[cfg.eval_split].with_transform(transform)
+        return TaskData(train=splits["train"], eval=splits.get("eval"))
+
+    def _transform(self, batch: dict[str, list]) -> dict[str, Any]:
+        opts = self.options
+        pixels = []
+        for image in batch[opts.image_column]:
+            image = image.convert(self.mode)
+            if image.size != (self.size, self.size):
+                image = image.resize((self.size, self.size))
+            array = np.asarray(image, dtype=np.float32).reshape(self.size, self.size, self.channels) / 255.0
+            pixels.append(torch.from_numpy((array - opts.mean) / opts.std).permute(2, 0, 1))
+        return {"pixel_values": pixels, "labels": [torch.tensor(int(y)) for y in batch[opts.label_column]]}
+
+    def build_models(self) -> dict[str, torch.nn.Module]:
+        opts = self.options
+        n = len(self.label_names)
+        if opts.model.startswith("timm:"):
+            import timm
+
+            self.model_args = {"in_chans": self.channels, "num_classes": n, **opts.model_options}
+            extra = {"pretrained_cfg_overlay": {"file": opts.weights}} if opts.weights else {}
+            model = timm.create_model(opts.model[len("timm:"):], pretrained=opts.pretrained or bool(opts.weights),
+                                      **self.model_args, **extra)
+            return {"model": model}
+        import transformers
+
+        labels = {"id2label": dict(enumerate(self.label_names)),
+                  "label2id": {name: i for i, name in enumerate(self.label_names)}}
+        if opts.pretrained or Path(opts.model).is_dir():
+            model = transformers.AutoModelForImageClassification.from_pretrained(
+                opts.model, num_labels=n, ignore_mismatched_sizes=True, **labels, **opts.model_options)
+        else:
+            try:
+                config = transformers.AutoConfig.for_model(opts.model, num_labels=n, **labels, **opts.model_options)
+            except ValueError as err:
+                raise ValueError(f"task_options.model {opts.model!r} is neither 'timm:<name>' nor a transformers "
+                                 f"model type ({str(err).splitlines()[0]})") from None
+            for key in ("num_channels", "in_channels"):  # the name differs between model families
+                if hasattr(config, key):
+                    setattr(config, key, self.channels)
+            if hasattr(config, "image_size"):
+                config.image_size = self.size
+            model = transformers.AutoModelForImageClassification.from_config(config)
+        return {"model": model}
+
+    def _augment(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = random_shift(pixels, self.options.random_shift)
+        return random_flip(pixels) if self.options.random_flip else pixels
+
+    def loss(self, models, batch, phase):
+        pixels = self._augment(batch["pixel_values"])
+        logits = logits_of(models["model"], pixels)
+        return F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.options.label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(self, models, loader) -> dict[str, float]:
+        correct, total, loss_sum = 0, 0, 0.0
+        for batch in loader:
+            logits = logits_of(models["model"], batch["pixel_values"]).float()
+            losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+            hits, losses = self.accelerator.gather_for_metrics(((logits.argmax(-1) == batch["labels"]), losses))
+            correct += int(hits.sum())
+            total += hits.numel()
+            loss_sum += float(losses.sum())
+        return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1)}
+
+    def save(self, models, state_dicts, output_dir: Path) -> None:
+        model = models["model"]
+        if self.options.model.startswith("timm:"):
+            from safetensors.torch import save_file
+            from timm.models._hub import save_config_for_hf
+
+            save_file({k: v.contiguous() for k, v in state_dicts["model"].items()}, output_dir / "model.safetensors")
+            save_config_for_hf(model, str(output_dir / "config.json"), model_args=self.model_args,
+                               model_config={"label_names": self.label_names})
+        else:
+            model.save_pretrained(output_dir, state_dict=state_dicts["model"])
+        preprocessing = {"image_size": self.size, "mode": self.mode, "mean": self.options.mean, "std": self.options.std,
+                         "scale": "pixel / 255", "labels": self.label_names}
+        (output_dir / "hfx_preprocessing.json").write_text(json.dumps(preprocessing, indent=2))
+
+    def card(self, metrics: dict[str, float]) -> dict[str, Any]:
+        if self.options.model.startswith("timm:"):
+            snippet = 'import timm\nmodel = timm.create_model("local-dir:PATH/TO/final", pretrained=True).eval()'
+            library = "timm"
+        else:
+            snippet = ('from transformers import AutoModelForImageClassification\n'
+                       'model = AutoModelForImageClassification.from_pretrained("PATH/TO/final").eval()')
+            library = "transformers"
+        summary = (f"`{self.options.model}` trained from {'pretrained weights' if self.options.pretrained else 'scratch'} "
+                   f"to classify {self.size}x{self.size} {'greyscale' if self.channels == 1 else 'RGB'} images into "
+                   f"{len(self.label_names)} classes. Inputs: pixels / 255, then (x - {self.options.mean}) / "
+                   f"{self.options.std} (see hfx_preprocessing.json).")
+        return {"load_snippet": snippet, "model_summary": summary, "library_name": library}
