@@ -76,6 +76,77 @@ def _run_env(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------- train
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="a recipe: a YAML file or a shipped recipe name (classify-digits, lm-stdlib)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="override recipe values, e.g. train.max_steps=100 optimizer.lr=3e-4 "
+                             "resume_from_checkpoint=latest")
+
+
+def _log_to_stderr() -> None:
+    """hfx's INFO logs (checkpoints, evaluations) on the main process; warnings only on the others."""
+    import logging
+
+    main = os.environ.get("RANK", "0") == "0"
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    hfx_logger = logging.getLogger("hfx")
+    hfx_logger.addHandler(handler)
+    hfx_logger.setLevel(logging.INFO if main else logging.WARNING)
+
+
+def _train(config) -> tuple[int, object]:
+    from accelerate import PartialState
+
+    from hfx.trainers import train
+    from hfx.trainers.engine import NonFiniteLossError
+
+    try:
+        result = train(config)
+    except NonFiniteLossError as err:
+        print(f"hfx train: error: {err}", file=sys.stderr)
+        return 1, None
+    if result.stop_reason == "signal":
+        if PartialState().is_main_process:
+            print(f"hfx train: stopped by signal {result.signal} at step {result.global_step}; checkpoint saved in "
+                  f"{result.output_dir}; continue with resume_from_checkpoint=latest", file=sys.stderr)
+        return 128 + result.signal, result
+    return 0, result
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from hfx.trainers import load_config
+
+    config = load_config(args.config, args.overrides)  # every config error surfaces here, before any model
+    _log_to_stderr()
+    status, result = _train(config)
+    if status == 0 and PartialState().is_main_process:
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()) or "no evaluation"
+        print(f"trained {result.global_step} steps ({result.stop_reason}); {metrics}\nartifact: {result.final_dir}")
+    return status
+
+
+# --------------------------------------------------------------------------------------------- demo
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output-dir", default="outputs/demo", help="where the run goes (default outputs/demo)")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from hfx.trainers import load_config
+
+    config = load_config("classify-digits", [f"output_dir={args.output_dir}", "overwrite_output_dir=true"])
+    _log_to_stderr()
+    status, result = _train(config)
+    if status == 0:
+        print(f"digits test accuracy: {result.metrics['accuracy']:.2%} after {result.global_step} steps "
+              f"(recipe training/configs/classify-digits.yaml)\n"
+              f"artifact: {result.final_dir}  (timm.create_model('local-dir:{result.final_dir}', pretrained=True))")
+    return status
+
+
 # ------------------------------------------------------------------------------------------- sample
 def _add_sample(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pipeline", metavar="PIPELINE_DIR", help="a ClassConditionalPipeline folder or Hub repo id")
@@ -220,6 +291,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 # name -> (one-line help, add-arguments function, run function). Add a command with one line here.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "env": ("print versions of torch and the HF stack, the devices, and CUDA/bf16 support", _add_env, _run_env),
+    "train": ("train a recipe (YAML or shipped name) with key.sub=value overrides; works under accelerate launch",
+              _add_train, _run_train),
+    "demo": ("train the classify-digits recipe end to end and print its test accuracy", _add_demo, _run_demo),
     "sample": ("sample an image grid from a class-conditional diffusion pipeline", _add_sample, _run_sample),
     "evaluate": ("FID, KID, IS, precision/recall of generated images vs a reference, with N and the extractor",
                  _add_evaluate, _run_evaluate),
