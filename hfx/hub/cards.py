@@ -1,0 +1,460 @@
+"""Model cards for hfx artifacts: Hub metadata with the measured results, and a body that says how to use
+the artifact, shows its samples and training curve, and gives the exact recipe, hardware and versions.
+
+:func:`render_card` writes ``README.md`` (plus ``images/``) into the artifact folder of a run folder or a
+bare artifact folder (see :mod:`hfx.hub.artifact`), from the template ``hub_cards/<kind>.md`` for the
+artifact's kind (``model``, ``pipeline``, ``adapter``). What it reads from a run folder:
+
+- ``config.yaml``: the resolved recipe (task, dataset, seed), shown in full;
+- ``results.json``: the final evaluation (``eval/<metric>``), step count and training time;
+- ``metrics.jsonl``: the training-loss curve, plotted to ``images/loss.png``;
+- ``samples/*.png``: sample grids; a pipeline or VAE without any gets a small grid sampled now.
+
+Whatever the caller knows better (hardware, the command line, sample sizes and the feature extractor
+behind each metric) comes in as keyword facts; they are kept in ``.hfx-card.json`` beside the card so that
+``hfx card`` and ``hfx push`` re-render the same card (push fills in the repo id for the load snippet).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from hfx.hub.artifact import Output, resolve_output
+
+logger = logging.getLogger(__name__)
+
+FACTS_FILE = ".hfx-card.json"
+#: The first line of a card hfx rendered; push re-renders such cards (for the repo id). Delete the line
+#: to keep a hand-edited card as it is.
+MARKER = "hfx-card: rendered by `hfx card`; delete this line to keep manual edits when pushing"
+
+FACT_KEYS = {
+    "model_name": "title of the card (default: derived from the run folder)",
+    "summary": "one paragraph saying what the model is",
+    "repo_id": "Hub repo id used in the load snippet (default: the local artifact path)",
+    "license": "license identifier (default apache-2.0)",
+    "datasets": "Hub dataset ids the model was trained on",
+    "tags": "extra tags",
+    "pipeline_tag": "Hub pipeline tag",
+    "task_type": "Hub task type of the evaluation results (default: the pipeline tag)",
+    "method": "the method's name (default: the task of the recipe)",
+    "eval_results": "list of {metric, value, num_samples, extractor, dataset, split}",
+    "eval_num_samples": "number of samples behind every metric of results.json",
+    "eval_extractor": "feature extractor behind every metric of results.json (e.g. inception-v3 weights)",
+    "sample_images": "paths of sample grid images to show",
+    "sample_grid": "sample a grid now when a pipeline/VAE card has no samples (default True)",
+    "command": "the command that trained the model",
+    "hardware": "what it trained on",
+    "train_time": "how long it trained (text), default from results.json",
+    "limitations": "the limitations section",
+    "remote_code": "write the snippet for loading without hfx (trust_remote_code=True)",
+}
+_PERSISTED = set(FACT_KEYS) - {"repo_id", "sample_images"}
+_IMAGE = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)|<img\s[^>]*src=[\"']([^\"']+)[\"']")
+_STACK = ("hfx", "torch", "transformers", "diffusers", "peft", "accelerate", "huggingface_hub")
+DEFAULT_LIMITATIONS = (
+    "Trained for a short time on a small dataset: the numbers above hold for that data and that evaluation "
+    "only. Measure the model on your own data before relying on it."
+)
+
+
+def card_images(markdown: str) -> list[str]:
+    """Relative paths of the images a card shows (markdown ``![..](path)`` and ``<img src>``), in order."""
+    paths = []
+    for match in _IMAGE.finditer(markdown):
+        path = match.group(1) or match.group(2)
+        if not re.match(r"^[a-z][a-z0-9+.-]*:", path, re.IGNORECASE) and path not in paths:  # skip URLs
+            paths.append(path.removeprefix("./"))
+    return paths
+
+
+def render_card(output_dir: str | Path, *, out_dir: str | Path | None = None, **facts: Any) -> Path:
+    """Render the model card of an output folder (see :mod:`hfx.hub.artifact`).
+
+    Args:
+        output_dir: a run folder (with ``final/``) or a folder written by ``save_pretrained``.
+        out_dir: where to write ``README.md`` and ``images/`` (default: the artifact folder).
+        **facts: see :data:`FACT_KEYS`; they override what the folder says and are kept for re-renders.
+
+    Returns:
+        The path of the written ``README.md``.
+
+    Raises:
+        FileNotFoundError: no output folder or no artifact in it.
+        ValueError: an unknown fact (the message lists the known ones).
+    """
+    unknown = sorted(set(facts) - set(FACT_KEYS))
+    if unknown:
+        raise ValueError(f"unknown card facts {unknown}; known: {', '.join(sorted(FACT_KEYS))}")
+    output = resolve_output(output_dir)
+    stored = output.artifact_dir / FACTS_FILE
+    if stored.is_file():
+        facts = {**json.loads(stored.read_text()), **facts}
+    target = Path(out_dir) if out_dir is not None else output.artifact_dir
+    target.mkdir(parents=True, exist_ok=True)
+
+    run = _RunRecord(output)
+    images = _images(output, run, target, facts)
+    card = _build_card(output, run, facts, images)
+    readme = target / "README.md"
+    tmp = readme.with_name("README.md.tmp")
+    card.save(tmp)
+    os.replace(tmp, readme)
+    kept = {k: v for k, v in facts.items() if k in _PERSISTED and _jsonable(v)}
+    if kept:
+        (target / FACTS_FILE).write_text(json.dumps(kept, indent=2, sort_keys=True))
+    return readme
+
+
+# ---------------------------------------------------------------------------------------- what a run says
+class _RunRecord:
+    """The run folder's files, read once (all optional)."""
+
+    def __init__(self, output: Output):
+        import yaml
+
+        config_file = output.run_file("config.yaml")
+        self.config_text = config_file.read_text().strip() if config_file else ""
+        self.config: dict = (yaml.safe_load(self.config_text) or {}) if self.config_text else {}
+        results_file = output.run_file("results.json")
+        self.results: dict = json.loads(results_file.read_text()) if results_file else {}
+        metrics_file = output.run_file("metrics.jsonl")
+        self.metrics: list[dict] = []
+        if metrics_file:
+            self.metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+
+    @property
+    def data(self) -> dict:
+        return self.config.get("data") or {}
+
+    @property
+    def dataset(self) -> str | None:
+        return self.data.get("dataset")
+
+    @property
+    def steps(self) -> int | None:
+        if "step" in self.results:
+            return int(self.results["step"])
+        return max((int(r["step"]) for r in self.metrics if "step" in r), default=None)
+
+    def final_eval(self) -> dict[str, float]:
+        """``eval/<metric>`` of results.json, else of the last evaluation in metrics.jsonl."""
+        found = {k[5:]: v for k, v in self.results.items() if k.startswith("eval/")}
+        if not found:
+            for record in reversed(self.metrics):
+                found = {k[5:]: v for k, v in record.items() if k.startswith("eval/")}
+                if found:
+                    break
+        return {k: float(v) for k, v in found.items() if isinstance(v, (int, float))}
+
+
+# ---------------------------------------------------------------------------------------- the card
+def _build_card(output: Output, run: _RunRecord, facts: dict, images: dict):
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from hfx.resources import resource_path
+
+    config = output.config
+    kind = output.kind
+    type_name = _type_name(output)
+    method = facts.get("method") or run.config.get("task") or type_name
+    model_name = facts.get("model_name") or _default_name(output, method)
+    pipeline_tag = facts.get("pipeline_tag") or _pipeline_tag(output)
+    task_type = facts.get("task_type") or pipeline_tag or "other"
+
+    results = _eval_results(run, facts)
+    eval_results = [
+        EvalResult(task_type=task_type, dataset_type=r["dataset"], dataset_name=r["dataset"],
+                   dataset_split=r.get("split"), metric_type=r["metric"], metric_name=r["metric"],
+                   metric_value=r["value"],
+                   metric_args={k: r[k] for k in ("num_samples", "extractor") if r.get(k) is not None} or None)
+        for r in results
+    ] or None
+    base_model = config.get("base_model_name_or_path") if kind == "adapter" else None
+    library_tag = {"pipeline": "diffusers", "adapter": "peft", "model": "transformers"}[kind]
+    tags = _unique(["hfx", library_tag, method, type_name, *(facts.get("tags") or [])])
+    datasets = facts.get("datasets") or ([run.dataset] if run.dataset and "/" in run.dataset else None)
+    card_data = ModelCardData(
+        library_name="hfx", license=facts.get("license", "apache-2.0"), tags=tags, pipeline_tag=pipeline_tag,
+        datasets=datasets, base_model=base_model if base_model and not os.path.isabs(base_model) else None,
+        model_name=model_name, eval_results=eval_results,
+    )
+    ref = facts.get("repo_id") or str(output.artifact_dir)
+    train_seconds = run.results.get("train_seconds")
+    variables = dict(
+        marker=MARKER, model_name=model_name,
+        summary=facts.get("summary") or _summary(output, method, run),
+        load_snippet=load_snippet(output, ref, remote_code=bool(facts.get("remote_code"))),
+        samples=images.get("samples", []), loss_curve=images.get("loss"),
+        results_section=_results_section(results, run),
+        method=method, task=run.config.get("task", "not recorded"),
+        dataset=f"`{run.dataset}`" if run.dataset else "not recorded",
+        steps=run.steps if run.steps is not None else "not recorded",
+        hardware=facts.get("hardware") or run.results.get("hardware") or "not recorded",
+        train_time=facts.get("train_time") or (f"{train_seconds / 60:.1f} min" if train_seconds is not None
+                                                else "not recorded"),
+        versions=", ".join(f"{name} {_version(name)}" for name in _STACK),
+        command=facts.get("command") or ("hfx train config.yaml  # config.yaml: the resolved configuration below"
+                                         if run.config_text else "not recorded (this artifact has no run folder)"),
+        config_yaml=run.config_text, base_model=base_model or "not recorded",
+        limitations=facts.get("limitations") or DEFAULT_LIMITATIONS,
+    )
+    template = resource_path("hub_cards", f"{kind}.md")
+    return ModelCard.from_template(card_data, template_path=str(template), **variables)
+
+
+def _eval_results(run: _RunRecord, facts: dict) -> list[dict]:
+    """One dict per metric: metric, value, dataset, split, num_samples, extractor."""
+    dataset = run.dataset or "not recorded"
+    split = run.data.get("eval_split")
+    given = facts.get("eval_results")
+    if given:
+        required = {"metric", "value"}
+        for entry in given:
+            if not required <= set(entry):
+                raise ValueError(f"each eval_results entry needs 'metric' and 'value'; got {entry}")
+        return [{"dataset": dataset, "split": split, **entry} for entry in given]
+    num_samples = facts.get("eval_num_samples") or run.data.get("max_eval_samples")
+    return [{"metric": name, "value": round(value, 6), "dataset": dataset, "split": split,
+             "num_samples": num_samples, "extractor": facts.get("eval_extractor")}
+            for name, value in run.final_eval().items()]
+
+
+def _results_section(results: list[dict], run: _RunRecord) -> str:
+    if not results:
+        return "No evaluation was run for this artifact."
+    rows = [f"| {r['metric']} | {r['value']:.6g} | {r.get('num_samples') or 'not recorded'} | "
+            f"{r.get('extractor') or '-'} |" for r in results]
+    where = f"`{results[0]['dataset']}`" + (f" ({results[0]['split']} split)" if results[0].get("split") else "")
+    step = f" at step {run.steps}" if run.steps is not None else ""
+    return (f"Measured on {where}{step}. Sample-based metrics depend on the number of samples and the "
+            "feature extractor: compare only numbers measured with the same ones.\n\n"
+            "| metric | value | samples | feature extractor |\n|---|---|---|---|\n" + "\n".join(rows))
+
+
+def load_snippet(output: Output, ref: str, remote_code: bool = False) -> str:
+    """Python that loads this exact artifact from ``ref`` (a repo id or a folder) and uses it once."""
+    config = output.config
+    if output.kind == "pipeline":
+        name = config["_class_name"]
+        if remote_code:
+            lines = ["from diffusers import DiffusionPipeline", "",
+                     f'pipe = DiffusionPipeline.from_pretrained("{ref}", trust_remote_code=True)']
+        else:
+            lines = ["import hfx  # registers hfx's pipeline and component modules with diffusers",
+                     f"from hfx.pipelines import {name}", "", f'pipe = {name}.from_pretrained("{ref}")']
+        num_class_embeds = _component_config(output, "unet").get("num_class_embeds")
+        if num_class_embeds:
+            labels = list(range(min(4, num_class_embeds - 1)))
+            lines.append(f"images = pipe({labels}, num_inference_steps=25).images  # one PIL image per class id")
+        return "\n".join(lines)
+    if output.kind == "adapter":
+        auto = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+                "TOKEN_CLS": "AutoModelForTokenClassification"}.get(config.get("task_type") or "", "AutoModel")
+        base = config.get("base_model_name_or_path") or "BASE_MODEL"
+        return "\n".join([
+            "import hfx  # registers hfx's PEFT methods (ReLoRA) and model classes",
+            "from peft import PeftModel", f"from transformers import {auto}", "",
+            f'base = {auto}.from_pretrained("{base}")',
+            f'model = PeftModel.from_pretrained(base, "{ref}")',
+        ])
+    auto = _auto_class(config)
+    if remote_code:
+        lines = [f"from transformers import {auto}", "",
+                 f'model = {auto}.from_pretrained("{ref}", trust_remote_code=True)']
+    else:
+        lines = ["import hfx  # registers hfx's model classes with transformers", f"from transformers import {auto}",
+                 "", f'model = {auto}.from_pretrained("{ref}")']
+    if config.get("model_type") == "hfx_vae":
+        labels = ", labels=[0, 1, 2, 3]" if config.get("num_classes") else ""
+        lines.append(f"images = model.sample(4{labels})  # (4, channels, height, width) in [-1, 1]")
+    return "\n".join(lines)
+
+
+def _auto_class(config: dict) -> str:
+    architecture = (config.get("architectures") or [""])[0]
+    for suffix, auto in (("ForCausalLM", "AutoModelForCausalLM"), ("ForImageClassification", "AutoModelForImageClassification"),
+                         ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+                         ("ForMaskedLM", "AutoModelForMaskedLM")):
+        if architecture.endswith(suffix):
+            return auto
+    return "AutoModel"
+
+
+def _pipeline_tag(output: Output) -> str | None:
+    config = output.config
+    if output.kind == "pipeline":
+        return "unconditional-image-generation"  # the closest Hub tag for class-conditional image generation
+    if output.kind == "adapter":
+        return {"CAUSAL_LM": "text-generation", "SEQ_CLS": "text-classification"}.get(config.get("task_type") or "")
+    architecture = (config.get("architectures") or [""])[0]
+    for suffix, tag in (("ForCausalLM", "text-generation"), ("ForImageClassification", "image-classification"),
+                        ("ForSequenceClassification", "text-classification")):
+        if architecture.endswith(suffix):
+            return tag
+    return None
+
+
+def _type_name(output: Output) -> str:
+    config = output.config
+    if output.kind == "pipeline":
+        return config["_class_name"]
+    if output.kind == "adapter":
+        return str(config.get("peft_type", "adapter")).lower()
+    return config.get("model_type", "model")
+
+
+def _default_name(output: Output, method: str) -> str:
+    folder = output.run_dir or output.artifact_dir
+    return f"hfx-{method}-{folder.name}".replace("_", "-")
+
+
+def _summary(output: Output, method: str, run: _RunRecord) -> str:
+    what = {"pipeline": f"A diffusers pipeline (`{_type_name(output)}`)",
+            "adapter": f"A PEFT adapter ({_type_name(output)}) for `{output.config.get('base_model_name_or_path')}`",
+            "model": f"A transformers model (`{_type_name(output)}`)"}[output.kind]
+    data = f" on `{run.dataset}`" if run.dataset else ""
+    return f"{what} trained{data} with [hfx](https://github.com/hfx) (method: `{method}`)."
+
+
+def _component_config(output: Output, name: str) -> dict:
+    for candidate in ("config.json", f"{name}_config.json"):
+        path = output.artifact_dir / name / candidate
+        if path.is_file():
+            return json.loads(path.read_text())
+    return {}
+
+
+# ---------------------------------------------------------------------------------------- images
+def _images(output: Output, run: _RunRecord, target: Path, facts: dict) -> dict:
+    """Copy or make the card's images under ``target/images``; returns their card-relative paths."""
+    images_dir = target / "images"
+    found: dict[str, Any] = {}
+    if plot_loss_curve(run.metrics, images_dir / "loss.png"):
+        found["loss"] = "images/loss.png"
+    sources = [Path(p) for p in facts.get("sample_images") or []]
+    if not sources and output.run_dir is not None:
+        sources = sorted((output.run_dir / "samples").glob("*.png"))[-2:]
+    missing = [str(p) for p in sources if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"sample images not found: {', '.join(missing)}")
+    samples = []
+    for i, source in enumerate(sources):
+        name = f"images/samples-{i}{source.suffix}"
+        images_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target / name)
+        samples.append(name)
+    earlier = output.artifact_dir / "images" / "samples.png"
+    if not samples and earlier.is_file():  # sampled by an earlier render: keep it (delete it to sample again)
+        images_dir.mkdir(parents=True, exist_ok=True)
+        if earlier.resolve() != (images_dir / "samples.png").resolve():
+            shutil.copyfile(earlier, images_dir / "samples.png")
+        samples.append("images/samples.png")
+    if not samples and facts.get("sample_grid", True):
+        grid = sample_grid(output)
+        if grid is not None:
+            images_dir.mkdir(parents=True, exist_ok=True)
+            grid.save(images_dir / "samples.png")
+            samples.append("images/samples.png")
+    found["samples"] = samples
+    return found
+
+
+def plot_loss_curve(records: list[dict], path: Path) -> bool:
+    """Plot every ``loss*`` series of metrics.jsonl records against ``step`` (and ``eval/*`` series on a
+    second panel) into ``path``. Returns False (and writes nothing) when there is no loss to plot."""
+    series: dict[str, tuple[list, list]] = {}
+    for record in records:
+        for key, value in record.items():
+            if (key.startswith("loss") or key.startswith("eval/")) and isinstance(value, (int, float)):
+                steps, values = series.setdefault(key, ([], []))
+                steps.append(record["step"])
+                values.append(value)
+    train = {k: v for k, v in series.items() if k.startswith("loss")}
+    if not train:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    evals = {k: v for k, v in series.items() if k.startswith("eval/")}
+    panels = 2 if evals else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.2), squeeze=False)
+    for key, (steps, values) in train.items():
+        axes[0][0].plot(steps, values, label=key, linewidth=1.2)
+    axes[0][0].set(xlabel="step", ylabel="training loss", title="training loss")
+    axes[0][0].legend(fontsize=8)
+    for key, (steps, values) in evals.items():
+        axes[0][1].plot(steps, values, marker="o", label=key[5:], linewidth=1.2)
+    if evals:
+        axes[0][1].set(xlabel="step", title="evaluation")
+        axes[0][1].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def sample_grid(output: Output, seed: int = 0):
+    """A small sample grid (PIL image) from a class-conditional pipeline or an hfx VAE; None for others."""
+    import torch
+
+    import hfx  # noqa: F401  (registers the classes the artifact needs)
+
+    if output.kind == "pipeline" and output.config.get("_class_name") == "ClassConditionalPipeline":
+        from hfx.pipelines import ClassConditionalPipeline, class_grid, scheduler_from_name
+
+        pipe = ClassConditionalPipeline.from_pretrained(str(output.artifact_dir))
+        pipe.scheduler = scheduler_from_name("ddim", pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        classes = list(range(min(pipe.num_classes, 10)))
+        return class_grid(pipe, classes, 4, num_inference_steps=25, generator=torch.Generator().manual_seed(seed))
+    if output.kind == "model" and output.config.get("model_type") == "hfx_vae":
+        from diffusers.utils import make_image_grid
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(str(output.artifact_dir)).eval()
+        labels = torch.arange(16) % model.config.num_classes if model.config.num_classes else None
+        images = model.sample(16, labels=labels, generator=torch.Generator().manual_seed(seed))
+        return make_image_grid(_to_pil(images), rows=4, cols=4)
+    return None
+
+
+def _to_pil(images):
+    from PIL import Image
+
+    array = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in array]
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _unique(items: list) -> list:
+    seen = []
+    for item in items:
+        if item and item not in seen:
+            seen.append(item)
+    return seen
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return False
