@@ -288,6 +288,61 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- card, push, export
+def _add_card(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run folder (with final/) or a saved artifact folder")
+    parser.add_argument("--repo-id", default=None, help="Hub repo id for the card's load snippet (default: the local path)")
+    parser.add_argument("--hardware", default=None, help="what the model trained on, for the card")
+    parser.add_argument("--license", default=None, help="license identifier (default apache-2.0)")
+
+
+def _run_card(args: argparse.Namespace) -> int:
+    from hfx.hub import render_card
+
+    facts = {key: value for key, value in (("repo_id", args.repo_id), ("hardware", args.hardware),
+                                           ("license", args.license)) if value is not None}
+    print(f"wrote {render_card(args.output_dir, **facts)}")
+    return 0
+
+
+def _add_push(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run folder (with final/) or a saved artifact folder")
+    parser.add_argument("--repo-id", required=True, help="user/name or org/name (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", default=None, help="branch to commit to (created from main if missing)")
+    parser.add_argument("--commit-message", default=None, help="default: 'Upload <kind> with hfx'")
+    parser.add_argument("--include-checkpoints", action="store_true",
+                        help="also upload checkpoint-* folders (training state; large)")
+    parser.add_argument("--remote-code", action="store_true",
+                        help="push the remote-code export (loads without hfx via trust_remote_code=True)")
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from hfx.hub import push
+
+    url = push(args.output_dir, args.repo_id, private=args.private, revision=args.revision,
+               commit_message=args.commit_message, include_checkpoints=args.include_checkpoints,
+               remote_code=args.remote_code)
+    print(url)
+    return 0
+
+
+def _add_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run folder (with final/) or a saved artifact folder")
+    parser.add_argument("--remote-code", action="store_true", required=True,
+                        help="write a copy that loads without hfx (trust_remote_code=True); the only export for now")
+    parser.add_argument("--out", default=None,
+                        help="folder to write (default: OUTPUT_DIR/remote-code, or ARTIFACT-remote-code)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from hfx.hub import export_remote_code
+
+    print(f"wrote {export_remote_code(args.output_dir, args.out, overwrite=args.overwrite)}")
+    return 0
+
+
 # name -> (one-line help, add-arguments function, run function). Add a command with one line here.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "env": ("print versions of torch and the HF stack, the devices, and CUDA/bf16 support", _add_env, _run_env),
@@ -297,6 +352,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "sample": ("sample an image grid from a class-conditional diffusion pipeline", _add_sample, _run_sample),
     "evaluate": ("FID, KID, IS, precision/recall of generated images vs a reference, with N and the extractor",
                  _add_evaluate, _run_evaluate),
+    "card": ("(re)render the model card README.md of a run or artifact folder", _add_card, _run_card),
+    "push": ("upload a run's final artifact, card and images to the Hub in one commit", _add_push, _run_push),
+    "export": ("write a copy of an artifact that loads without hfx (--remote-code)", _add_export, _run_export),
 }
 
 
@@ -323,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command][2](args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError) as err:
         if os.environ.get("HFX_TRACEBACK"):
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
