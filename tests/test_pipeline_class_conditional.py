@@ -124,6 +124,7 @@ def test_class_names_equal_ids_and_default_guidance_comes_from_config():
     by_name = sample(pipe, ["digit-3", "digit-7"])
     by_id = sample(pipe, torch.tensor([3, 7]), guidance_scale=4.0)
     assert torch.equal(by_name, by_id)
+    assert torch.equal(sample(pipe, np.array([3, 7]), guidance_scale=4.0), by_id)  # e.g. labels from a dataset
     assert not torch.equal(by_name, sample(pipe, [3, 7], guidance_scale=2.0))
 
 

@@ -27,6 +27,7 @@ Taming high guidance (small models oversaturate quickly as ``w`` grows):
 from __future__ import annotations
 
 import inspect
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -60,7 +61,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
     ``from_pretrained`` accepts a local folder or a Hub repo id.
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->classifier"
     _optional_components = ["classifier"]
 
     def __init__(
@@ -165,7 +166,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
                     known = f"one of {names}" if names else f"an id in [0, {self.num_classes}) (this pipeline has no class names)"
                     raise ValueError(f"unknown class name {label!r}: expected {known}")
                 ids.append(names.index(label))
-            elif isinstance(label, bool) or not isinstance(label, int):
+            elif isinstance(label, bool) or not isinstance(label, numbers.Integral):
                 raise ValueError(f"class label {label!r} must be an int id or a class name, not {type(label).__name__}")
             elif not 0 <= label < self.num_classes:
                 raise ValueError(
@@ -173,7 +174,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
                     f"{self.null_class_id} is not a label: use guidance_scale=0 for unconditional samples"
                 )
             else:
-                ids.append(label)
+                ids.append(int(label))
         return ids
 
     # ------------------------------------------------------------------------------------------ guidance
