@@ -276,6 +276,27 @@ def test_one_mask_per_tensor_keeps_the_first_step_after_a_restart_bounded():
     assert steps["independent masks"] > 100.0
 
 
+def test_restart_is_safe_with_a_grad_scaler():
+    """State is pruned in place, so GradScaler keeps finding the optimizer's parameters and state
+    (replacing state tensors is what broke fp16 runs elsewhere: "No inf checks were recorded")."""
+    model = relora_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = get_relora_schedule(optimizer, num_training_steps=12, config=model.peft_config["default"])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step, batch in enumerate(token_batches(12), start=1):
+        scaler.scale(model(input_ids=batch, labels=batch).loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad()
+        if is_restart_step(step, relora_steps=5) and step < 12:
+            relora_restart(model, optimizer, step=step)
+    layer = next(m for m in model.modules() if isinstance(m, ReLoraLinear))
+    assert layer.num_restarts("default") == 2
+    assert torch.count_nonzero(layer.lora_B["default"].weight) > 0  # trained again after the last restart
+    assert math.isfinite(scaler.get_scale())
+
+
 def test_training_with_restarts_keeps_improving():
     model = relora_model(relora_steps=15, restart_warmup_steps=3, warmup_steps=3, r=8, lora_alpha=32)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
@@ -458,6 +479,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_end_each_restart_with_identical_weights(tmp_path):
     import socket
 
