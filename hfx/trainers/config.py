@@ -62,7 +62,8 @@ class TrainLoopConfig:
     """Examples per process per micro-batch; the global batch is batch_size x processes x accumulation."""
     eval_batch_size: int | None = None
     gradient_accumulation_steps: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    """None: what ``accelerate launch`` / ``accelerate config`` says (``no`` without either)."""
     max_grad_norm: float | None = 1.0
     nan_policy: Literal["stop", "skip"] = "stop"
     """What a non-finite loss does: stop the run with an error, or skip that optimizer step."""
@@ -333,7 +334,8 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, got {type(raw).__name__}")
     raw = merge(raw, parse_overrides(overrides or []))
-    raw.setdefault("recipe", recipe)
+    if raw.get("recipe") is None:
+        raw["recipe"] = recipe
     config = from_dict(TrainConfig, raw)
     task_cls = get_task(config.task)
     config.task_options = from_dict(task_cls.Options, raw.get("task_options"), "task_options.")
@@ -350,6 +352,9 @@ def validate(config: TrainConfig, task_cls: type) -> None:
     t = config.train
     if config.data.dataset is None and task_cls.needs_dataset:
         raise ConfigError(f"missing required config key 'data.dataset' (task {config.task!r} trains on a dataset)")
+    dataset = config.data.dataset
+    if dataset is not None and dataset.startswith((".", "/", "~")) and not Path(dataset).expanduser().exists():
+        raise ConfigError(f"data.dataset {dataset!r} does not exist")
     if t.max_steps is None and t.epochs is None:
         raise ConfigError("set train.max_steps or train.epochs (neither is set)")
     for key, value in (("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),

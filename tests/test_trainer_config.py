@@ -1,0 +1,181 @@
+"""The engine's configuration, schedules, EMA and checkpoint folders (fast, no training)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hfx.cli import main
+from hfx.trainers import ConfigError, load_config
+from hfx.trainers.checkpoint import STATE_FILE, list_checkpoints, prune, resolve_checkpoint
+from hfx.trainers.config import dump_yaml, parse_overrides
+from hfx.trainers.ema import EMA
+from hfx.trainers.schedules import SCHEDULES, register_schedule
+
+RECIPE = {
+    "task": "image-classification",
+    "data": {"dataset": "digits"},
+    "task_options": {"model": "timm:resnet10t", "label_smoothing": 0.1},
+    "train": {"max_steps": 5},
+}
+
+
+def test_shipped_recipes_validate():
+    digits = load_config("classify-digits")
+    assert digits.task_options.model == "timm:resnet10t" and digits.task_options.label_smoothing == 0.1
+    assert digits.optimizer.lr == pytest.approx(3e-3)
+    lm = load_config("lm-stdlib")
+    assert lm.task_options.model_options["num_hidden_layers"] == 4 and lm.optimizer.betas == (0.9, 0.95)
+
+
+def test_overrides_are_typed_by_the_dataclass_fields():
+    config = load_config(RECIPE, ["optimizer.lr=3e-4", "optimizer.betas=[0.8, 0.9]", "train.max_steps=20",
+                                  "log.report_to=[]", "task_options.random_shift=2", "train.max_grad_norm=null",
+                                  "output_dir=/tmp/x"])
+    assert config.optimizer.lr == 3e-4 and isinstance(config.optimizer.lr, float)  # "3e-4" is a str in YAML 1.1
+    assert config.optimizer.betas == (0.8, 0.9)
+    assert config.train.max_steps == 20 and config.train.max_grad_norm is None
+    assert config.log.report_to == [] and config.task_options.random_shift == 2
+    assert parse_overrides(["a.b.c=1", "a.b.d=x"]) == {"a": {"b": {"c": 1, "d": "x"}}}
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["optimizer.lrr=1"], "unknown config key 'optimizer.lrr'; did you mean 'optimizer.lr'?"),
+    (["trian.max_steps=1"], "unknown config key 'trian'; did you mean 'train'?"),
+    (["task_options.label_smooth=0.1"],
+     "unknown config key 'task_options.label_smooth'; did you mean 'task_options.label_smoothing'?"),
+    (["train.max_steps=abc"], "config key 'train.max_steps' must be an integer, got 'abc' (str)"),
+    (["train.batch_size=2.5"], "config key 'train.batch_size' must be an integer, got 2.5 (float)"),
+    (["train.mixed_precision=fp8"], "config key 'train.mixed_precision' must be one of"),
+    (["ema.enabled=maybe"], "config key 'ema.enabled' must be true or false"),
+    (["task=image-clasification"], "unknown task 'image-clasification'; did you mean 'image-classification'?"),
+    (["scheduler.name=cosin"], "unknown scheduler.name 'cosin'; did you mean 'cosine'?"),
+    (["data.dataset=/no/such/folder"], "data.dataset '/no/such/folder' does not exist"),
+    (["data.dataset=null"], "missing required config key 'data.dataset'"),
+    (["train.max_steps=0"], "config key 'train.max_steps' must be >= 1, got 0"),
+    (["eval.early_stopping_patience=2"], "eval.metric must name the metric"),
+    (["optimizers.main.lrr=1"], "unknown config key 'optimizers.main.lrr'; did you mean 'optimizers.main.lr'?"),
+    (["callbacks=[{name: nope}]"], "unknown callback 'nope'"),
+    (["train.max_steps"], "override 'train.max_steps' is not of the form key.sub=value"),
+])
+def test_bad_config_names_the_problem(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(RECIPE, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_task_key():
+    with pytest.raises(ConfigError, match="missing required config key 'task'"):
+        load_config({"data": {"dataset": "digits"}, "train": {"max_steps": 1}})
+
+
+@pytest.mark.parametrize("override", ["optimizer.lrr=1", "train.max_steps=abc", "data.dataset=/no/such/folder"])
+def test_cli_bad_config_exits_with_one_line_before_building_anything(tmp_path, capsys, override):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), f"output_dir={out}", override]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hfx train: error: ") and "\n" not in err
+    assert override.split("=")[0].split(".")[-1] in err or "/no/such/folder" in err
+    assert not out.exists()  # nothing was built or written
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(RECIPE, ["optimizer.lr=0.01", f"output_dir={tmp_path}"])
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(config))
+    again = load_config(str(path))
+    assert again.recipe == str(path)
+    again.recipe = None
+    assert dump_yaml(again) == dump_yaml(config)
+    assert again.task_options == config.task_options and again.optimizer.lr == 0.01
+
+
+def test_a_previous_run_is_not_silently_mixed_into(tmp_path):
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / STATE_FILE).write_text("{}")
+    with pytest.raises(ConfigError, match="already holds a run .*checkpoint-10.*resume_from_checkpoint=latest"):
+        load_config(RECIPE, [f"output_dir={tmp_path}"])
+    load_config(RECIPE, [f"output_dir={tmp_path}", "resume_from_checkpoint=latest"])
+    load_config(RECIPE, [f"output_dir={tmp_path}", "overwrite_output_dir=true"])
+    with pytest.raises(FileNotFoundError, match="checkpoint-99 does not exist"):
+        load_config(RECIPE, [f"output_dir={tmp_path}", f"resume_from_checkpoint={tmp_path}/checkpoint-99"])
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+def _lrs(name, steps=100, **kwargs):
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    schedule = SCHEDULES[name](optimizer, total_steps=steps, **kwargs)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return lrs
+
+
+def test_warmup_cosine_and_linear_values():
+    lrs = _lrs("cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lrs[0] == pytest.approx(2.0 * 1 / 10) and lrs[9] == pytest.approx(2.0)
+    assert lrs[10] == pytest.approx(2.0)  # the decay starts at the peak
+    # half-way through the decay: min + (1 - min) * 0.5
+    assert lrs[55] == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90))))
+    linear = _lrs("linear", warmup_steps=0)
+    assert linear[50] == pytest.approx(1.0) and linear[0] == pytest.approx(2.0)
+    assert _lrs("constant", warmup_steps=4)[3:] == [pytest.approx(2.0)] * 97
+
+
+def test_register_schedule_by_name():
+    def halving(optimizer, *, total_steps, warmup_steps=0, min_lr_ratio=0.0, every=10):
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=every, gamma=0.5)
+
+    register_schedule("test-halving", halving)
+    register_schedule("test-halving", halving)  # the same factory again: fine
+    with pytest.raises(ValueError, match="already registered"):
+        register_schedule("test-halving", lambda *a, **k: None)
+    assert _lrs("test-halving", steps=25, every=10)[::10] == [2.0, 1.0, 0.5]
+    assert load_config(RECIPE, ["scheduler.name=test-halving"]).scheduler.name == "test-halving"
+
+
+# ---------------------------------------------------------------------------------------------- EMA
+def test_ema_matches_the_formula_and_swaps_back():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9, warmup=False)
+    expected = model.weight.detach().clone()
+    for _ in range(5):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        ema.update(model)
+        expected = 0.9 * expected + 0.1 * model.weight.detach()
+    trained = model.weight.detach().clone()
+    with ema.swapped_into(model):
+        torch.testing.assert_close(model.weight.detach(), expected)
+    assert torch.equal(model.weight, trained)
+    restored = EMA(model, decay=0.9, warmup=False)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 5 and torch.equal(restored.shadow["weight"], ema.shadow["weight"])
+    assert EMA(model, decay=0.999).current_decay() == pytest.approx(1 / 10)  # warm-up: (1 + 0) / (10 + 0)
+
+
+# ---------------------------------------------------------------------------------------------- folders
+def test_checkpoint_folders_ignore_tmp_and_incomplete(tmp_path: Path):
+    for step in (5, 10, 15):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / STATE_FILE).write_text("{}")
+    (tmp_path / "checkpoint-20.tmp").mkdir()  # a save killed half-way
+    (tmp_path / "checkpoint-25").mkdir()  # no state file: incomplete
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-5", "checkpoint-10", "checkpoint-15"]
+    assert resolve_checkpoint("latest", tmp_path).name == "checkpoint-15"
+    assert resolve_checkpoint("latest", tmp_path / "empty") is None
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-25"), tmp_path)
+    prune(tmp_path, total_limit=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-15", "checkpoint-25"]
