@@ -3,12 +3,6 @@ closed forms and independent references (scipy, brute force)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import numpy as np
 import pytest
 import scipy.linalg
@@ -30,6 +24,15 @@ from hfx.metrics import (
     wasserstein_1d,
 )
 from hfx.metrics.functional import mmd2_unbiased
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small matrices: with several threads, hand-off costs dominate (tenfold on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def correlated_features(n: int, d: int, seed: int, shift: float = 0.0) -> np.ndarray:
@@ -108,16 +111,7 @@ def test_kid_mmd_matches_brute_force_double_sum():
                                                                                      rel=1e-12)
 
 
-@pytest.fixture
-def one_thread():
-    """Hundreds of tiny float64 matrix products: one thread avoids thread hand-off costs on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_kid_is_unbiased_for_one_distribution_and_positive_for_two(one_thread):
+def test_kid_is_unbiased_for_one_distribution_and_positive_for_two():
     rng = np.random.default_rng(8)
     draws = [kernel_inception_distance(rng.normal(size=(40, 16)), rng.normal(size=(40, 16)), subsets=1,
                                        subset_size=40, seed=i).mean for i in range(300)]
@@ -237,35 +231,40 @@ def test_streaming_statistics_equal_one_shot_for_any_batching_and_merge(tmp_path
         streamed.update(np.zeros((2, 5)))
 
 
-TWO_PROCESS_SCRIPT = textwrap.dedent("""
-    import numpy as np, torch
-    from accelerate import Accelerator
-    from hfx.metrics import FeatureStatistics
-    accelerator = Accelerator(cpu=True)
-    rng = np.random.default_rng(0)
-    features = rng.normal(size=(301, 16)) @ rng.normal(size=(16, 16)) + 3.0
-    stats = FeatureStatistics(16)
-    for batch in np.array_split(features[accelerator.process_index::2], 5):  # each rank its own rows
-        stats.update(batch)
-    stats.all_reduce()
-    if accelerator.is_main_process:
-        np.savez(OUT, n=stats.n, mean=stats.mean.numpy(), cov=stats.covariance.numpy(),
-                 world=accelerator.num_processes, expected_mean=features.mean(0),
-                 expected_cov=np.cov(features, rowvar=False))
-""")
+def _two_rank_worker(rank: int, port: int, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        rng = np.random.default_rng(0)
+        features = rng.normal(size=(301, 16)) @ rng.normal(size=(16, 16)) + 3.0
+        stats = FeatureStatistics(16)
+        for batch in np.array_split(features[rank::2], 5):  # each rank streams its own rows
+            stats.update(batch)
+        stats.all_reduce()
+        if rank == 0:
+            np.savez(out, n=stats.n, mean=stats.mean.numpy(), cov=stats.covariance.numpy(),
+                     expected_mean=features.mean(0), expected_cov=np.cov(features, rowvar=False))
+    finally:
+        torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_statistics_all_reduce_across_two_real_processes(tmp_path):
-    script = tmp_path / "two_ranks.py"
+    """Two real processes joined by a gloo process group (what torchrun / accelerate launch set up on a
+    CPU), forked so they need not import torch again."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     out = tmp_path / "result.npz"
-    script.write_text(f"OUT = {str(out)!r}\n" + TWO_PROCESS_SCRIPT)
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_addr", "127.0.0.1", "--master_port", "29517", str(script)],
-                            env=env, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
-    assert result.returncode == 0, result.stderr[-3000:]
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_two_rank_worker, args=(rank, port, str(out))) for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [worker.exitcode for worker in workers] == [0, 0]
     data = np.load(out)
-    assert int(data["world"]) == 2 and int(data["n"]) == 301
+    assert int(data["n"]) == 301
     np.testing.assert_allclose(data["mean"], data["expected_mean"], rtol=1e-10)
     np.testing.assert_allclose(data["cov"], data["expected_cov"], rtol=1e-10, atol=1e-12)

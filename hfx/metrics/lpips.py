@@ -41,9 +41,15 @@ class _TorchvisionTrunk(nn.Module):
         super().__init__()
         from torchvision import models
 
-        self.layers = (models.alexnet if net == "alex" else models.vgg16)(weights=None).features
         self.taps = _TORCHVISION_TAPS[net]
-        self.layers = self.layers[: self.taps[-1] + 1]
+        # Built on the meta device, then only the convolutions materialised: the classifier's 100M+
+        # fully-connected weights would take seconds to initialise and are never used.
+        with torch.device("meta"):
+            features = (models.alexnet if net == "alex" else models.vgg16)(weights=None).features
+        self.layers = features[: self.taps[-1] + 1].to_empty(device="cpu")
+        for layer in self.layers:
+            if isinstance(layer, nn.Conv2d):
+                layer.reset_parameters()
         self.channels = [self._out_channels(tap) for tap in self.taps]
 
     def _out_channels(self, tap: int) -> int:
