@@ -7,6 +7,9 @@ Two ratios (issue 5):
   2. batched / two passes: the pipeline's one batched UNet call per step over the same pipeline running the
      conditional and null UNet calls one after the other. Target <= 0.65.
 
+For context the UNet alone is timed at batch B and 2B (the same number of calls): on a compute-bound device
+UNet(2B) / UNet(B) is the floor of guided / unguided, and UNet(2B) / (2 UNet(B)) that of batched / two passes.
+
 Every variant is timed once per round, rounds interleaved, so load from other processes on a shared machine
 falls on all variants alike. Each ratio is given from the medians and from the minimums (the least disturbed
 run of each variant, the better estimate of the intrinsic cost when the machine is busy).
@@ -73,6 +76,19 @@ def build(device: str):
     return pipes
 
 
+@torch.no_grad()
+def time_unet(unet: UNet2DModel, batch: int, steps: int, device: str) -> float:
+    """Seconds for ``steps`` UNet forward passes at ``batch`` images, nothing else."""
+    sample = torch.randn((batch, 1, 16, 16), device=device)
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+    start = time.perf_counter()
+    for t in range(steps):
+        unet(sample, 999 - t, class_labels=labels)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def run_once(kind: str, pipe, batch: int, steps: int, guidance: float, device: str) -> float:
     generator = torch.Generator(device).manual_seed(0)
     start = time.perf_counter()
@@ -104,16 +120,19 @@ def main() -> None:
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for kind, pipe, _ in pipes.values():  # warm-up: allocator, kernels, lazy inits
             run_once(kind, pipe, batch, 2, args.guidance, args.device)
-        times = {name: [] for name in pipes}
+        times = {name: [] for name in [*pipes, "unet B", "unet 2B"]}
+        unet = next(pipe.unet for kind, pipe, _ in pipes.values() if kind == "batched")
         for _ in range(args.rounds):
             for name, (kind, pipe, _) in pipes.items():
                 times[name].append(run_once(kind, pipe, batch, args.steps, args.guidance, args.device))
+            times["unet B"].append(time_unet(unet, batch, args.steps, args.device))
+            times["unet 2B"].append(time_unet(unet, 2 * batch, args.steps, args.device))
         for scheduler in ("ddim", "ddpm"):
             anchor, batched, two_pass = (
                 times[next(n for n, (k, _, s) in pipes.items() if k == kind and s == scheduler)]
                 for kind in ("anchor", "batched", "two-pass")
             )
-            rows.append((batch, scheduler, anchor, batched, two_pass))
+            rows.append((batch, scheduler, anchor, batched, two_pass, times["unet B"], times["unet 2B"]))
             print(f"batch {batch:>3} {scheduler}: unguided {_fmt(anchor)}, CFG batched {_fmt(batched)}, "
                   f"CFG two passes {_fmt(two_pass)}", flush=True)
 
@@ -128,12 +147,12 @@ def main() -> None:
         f"median-based (min-based).",
         "",
         "| batch | scheduler | diffusers unguided | CFG batched | CFG two passes | "
-        "guided / unguided (target <= 2.05) | batched / two passes (target <= 0.65) |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "guided / unguided (target <= 2.05) | batched / two passes (target <= 0.65) | UNet alone 2B / B |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for batch, scheduler, anchor, batched, two_pass in rows:
+    for batch, scheduler, anchor, batched, two_pass, unet_b, unet_2b in rows:
         lines.append(f"| {batch} | {scheduler} | {_fmt(anchor)} | {_fmt(batched)} | {_fmt(two_pass)} | "
-                     f"{_ratio(batched, anchor)} | {_ratio(batched, two_pass)} |")
+                     f"{_ratio(batched, anchor)} | {_ratio(batched, two_pass)} | {_ratio(unet_2b, unet_b)} |")
     lines += ["", "Command: `.venv/bin/python bench/sampling.py " + " ".join(_argv_echo(args)) + "`", ""]
     table = "\n".join(lines)
     print("\n" + table)
