@@ -74,10 +74,16 @@ class TrainResult:
     signal: int | None = None
 
 
-def train(source: str | Path | dict | TrainConfig, overrides: list[str] | None = None,
+def train(source: str | Path | dict | TrainConfig, overrides: list[str] | None = None, *,
           callbacks: list[Callback] = ()) -> TrainResult:
-    """Train from a recipe (path, shipped recipe name, mapping, or a loaded :class:`TrainConfig`)."""
-    config = source if isinstance(source, TrainConfig) else load_config(source, overrides)
+    """Train from a recipe (path, shipped recipe name, mapping, or a loaded :class:`TrainConfig`) with
+    ``key.sub=value`` overrides (not for a loaded config) and extra callbacks."""
+    if isinstance(source, TrainConfig):
+        if overrides:
+            raise ValueError("overrides apply to a recipe; pass them to load_config, not with a loaded TrainConfig")
+        config = source
+    else:
+        config = load_config(source, overrides)
     return Trainer(config, callbacks).fit()
 
 
