@@ -131,20 +131,34 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- demo
 def _add_demo(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output-dir", default="outputs/demo", help="where the run goes (default outputs/demo)")
+    parser.add_argument("--output-dir", default="outputs/demo", help="where everything goes (default outputs/demo)")
+    parser.add_argument("--per-class", type=int, default=30,
+                        help="generated images per class for each guidance setting (default 30)")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps when sampling (default 25)")
+    parser.add_argument("--diffusion", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of the ddpm-digits recipe, e.g. train.max_steps=500")
+    parser.add_argument("--evaluator", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of the classify-digits recipe (the evaluator)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from hfx.trainers import load_config
+    from hfx.demo import results_table, run_demo
 
-    config = load_config("classify-digits", [f"output_dir={args.output_dir}", "overwrite_output_dir=true"])
     _log_to_stderr()
-    status, result = _train(config)
-    if status == 0:
-        print(f"digits test accuracy: {result.metrics['accuracy']:.2%} after {result.global_step} steps "
-              f"(recipe training/configs/classify-digits.yaml)\n"
-              f"artifact: {result.final_dir}  (timm.create_model('local-dir:{result.final_dir}', pretrained=True))")
-    return status
+    result = run_demo(args.output_dir, per_class=args.per_class, num_inference_steps=args.steps,
+                      diffusion_overrides=args.diffusion, evaluator_overrides=args.evaluator)
+    out = result.output_dir
+    timing = ", ".join(f"{k} {v:.1f} min" for k, v in result.minutes.items())
+    print(f"\nClass-conditional diffusion on the digits, guided by classifier-free guidance "
+          f"(default scale {result.default_guidance_scale:g}); evaluator test accuracy "
+          f"{100 * result.evaluator_test_accuracy:.1f} %; N = {result.n_generated} generated vs "
+          f"{result.n_reference} test images.\n\n{results_table(result)}\n\n({timing})\n"
+          f"pipeline:     {out}/pipeline   (ClassConditionalPipeline.from_pretrained)\n"
+          f"samples:      {out}/samples.png (one row per class)\n"
+          f"guidance:     {out}/guidance.png\n"
+          f"results:      {out}/results.json\n"
+          f"training run: {out}/diffusion (TensorBoard logs, metrics.jsonl, checkpoints)")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------- sample
@@ -193,8 +207,18 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------- evaluate
 def _add_evaluate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--generated", required=True, metavar="DIR",
-                        help="folder of generated images (searched recursively)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--generated", metavar="DIR", help="folder of generated images (searched recursively)")
+    source.add_argument("--pipeline", metavar="PIPELINE_DIR",
+                        help="sample the generated images from this ClassConditionalPipeline instead")
+    sampling = parser.add_argument_group("sampling (with --pipeline)")
+    sampling.add_argument("--num-images", type=int, default=1000,
+                          help="images to sample, classes in turn (default 1000)")
+    sampling.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    sampling.add_argument("--guidance", type=float, default=None,
+                          help="classifier-free guidance scale (default: the pipeline's)")
+    sampling.add_argument("--scheduler", default="ddim", help="ddpm, ddim, dpm++ or saved (default ddim)")
+    sampling.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--reference", required=True, metavar="SPEC",
                         help="a folder of images, a .npz written by --save-reference (or pytorch-fid mu/sigma: "
                              "FID only), or a dataset hfx.data.load knows, optionally with a split: digits:test")
@@ -228,6 +252,26 @@ def _open_images(files):
             yield image.convert("RGB") if image.mode not in ("L", "RGB") else image.copy()
 
 
+def _sampled_images(args: argparse.Namespace, device: str):
+    """Images ``[C, H, W]`` in [0, 1] from a ClassConditionalPipeline, cycling through its classes."""
+    import torch
+
+    from hfx.pipelines import ClassConditionalPipeline, scheduler_from_name
+
+    if args.num_images < 2:
+        raise ValueError(f"--num-images must be at least 2, got {args.num_images}")
+    pipe = ClassConditionalPipeline.from_pretrained(args.pipeline)
+    if args.scheduler != "saved":
+        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    for start in range(0, args.num_images, args.batch_size):
+        labels = [i % pipe.num_classes for i in range(start, min(start + args.batch_size, args.num_images))]
+        yield from pipe(labels, guidance_scale=args.guidance, num_inference_steps=args.steps, generator=generator,
+                        output_type="pt").images.cpu()
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -237,16 +281,24 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from hfx.metrics.extractors import load_extractor
     from hfx.metrics.scoring import ExtractedFeatures, extract_features, generative_scores
 
-    generated_dir = Path(args.generated)
-    if not generated_dir.is_dir():
-        raise FileNotFoundError(f"--generated folder {args.generated!r} does not exist")
-    generated_files = _image_files(generated_dir)[: args.limit]
-    if not generated_files:
-        raise ValueError(f"--generated folder {args.generated!r} holds no images")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    extractor = load_extractor(args.extractor, device=device)
-    generated = extract_features(extractor, _open_images(generated_files), args.batch_size,
-                                 total=len(generated_files), description="generated")
+    if args.pipeline:
+        extractor = load_extractor(args.extractor, device=device)
+        generated = extract_features(extractor, _sampled_images(args, device), args.batch_size,
+                                     total=args.num_images, description="sampling")
+        generated_name = f"{args.pipeline} ({args.num_images} samples, {args.steps} {args.scheduler} steps, " \
+                         f"guidance {args.guidance if args.guidance is not None else 'default'}, seed {args.seed})"
+    else:
+        generated_dir = Path(args.generated)
+        if not generated_dir.is_dir():
+            raise FileNotFoundError(f"--generated folder {args.generated!r} does not exist")
+        generated_files = _image_files(generated_dir)[: args.limit]
+        if not generated_files:
+            raise ValueError(f"--generated folder {args.generated!r} holds no images")
+        extractor = load_extractor(args.extractor, device=device)
+        generated = extract_features(extractor, _open_images(generated_files), args.batch_size,
+                                     total=len(generated_files), description="generated")
+        generated_name = str(generated_dir)
     reference_path = Path(args.reference)
     if args.reference.endswith(".npz"):
         reference = ExtractedFeatures.load(reference_path)
@@ -277,7 +329,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         reference.save(args.save_reference)
     report = generative_scores(generated, reference, extractor=extractor.describe(), kid_subsets=args.kid_subsets,
                                kid_subset_size=args.kid_subset_size, k=args.k, is_splits=args.is_splits)
-    report = {"generated": str(generated_dir), "reference": reference_name, **report}
+    report = {"generated": generated_name, "reference": reference_name, **report}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -348,7 +400,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "env": ("print versions of torch and the HF stack, the devices, and CUDA/bf16 support", _add_env, _run_env),
     "train": ("train a recipe (YAML or shipped name) with key.sub=value overrides; works under accelerate launch",
               _add_train, _run_train),
-    "demo": ("train the classify-digits recipe end to end and print its test accuracy", _add_demo, _run_demo),
+    "demo": ("the main job: train class-conditional diffusion on the digits, measure guidance, write a pipeline",
+             _add_demo, _run_demo),
     "sample": ("sample an image grid from a class-conditional diffusion pipeline", _add_sample, _run_sample),
     "evaluate": ("FID, KID, IS, precision/recall of generated images vs a reference, with N and the extractor",
                  _add_evaluate, _run_evaluate),

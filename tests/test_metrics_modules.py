@@ -10,6 +10,7 @@ import evaluate
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import hfx.metrics as metrics
 from hfx.cli import main
@@ -165,3 +166,38 @@ def test_hfx_evaluate_names_bad_input(tmp_path, tiny_classifier, capsys):
     assert main(["evaluate", "--generated", str(tmp_path / "empty"), "--reference", "digits",
                  "--extractor", f"hf:{tiny_classifier}"]) == 1
     assert "holds no images" in capsys.readouterr().err
+
+
+def test_hfx_evaluate_samples_from_a_pipeline(tmp_path, tiny_classifier, capsys):
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from hfx.metrics.extractors import load_extractor
+    from hfx.metrics.scoring import extract_features
+    from hfx.pipelines import ClassConditionalPipeline
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4, num_class_embeds=3)
+    ClassConditionalPipeline(unet, DDIMScheduler(num_train_timesteps=50)).save_pretrained(tmp_path / "pipe")
+    reference_images = [np.full((16, 16), v, np.uint8) for v in np.linspace(0, 255, 30).astype(np.uint8)]
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for i, array in enumerate(reference_images):
+        Image.fromarray(array).save(reference / f"{i}.png")
+    assert main(["evaluate", "--pipeline", str(tmp_path / "pipe"), "--num-images", "10", "--steps", "2",
+                 "--scheduler", "saved", "--batch-size", "4", "--seed", "3", "--reference", str(reference),
+                 "--extractor", f"hf:{tiny_classifier}", "--is-splits", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_generated"] == 10 and report["n_reference"] == 30 and report["kid_subset_size"] == 10
+
+    # The same samples drawn directly, batch by batch with one generator, give the same FID.
+    pipe = ClassConditionalPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator("cpu").manual_seed(3)
+    samples = [image for labels in ([0, 1, 0, 1], [0, 1, 0, 1], [0, 1])
+               for image in pipe(labels, num_inference_steps=2, generator=generator, output_type="pt").images]
+    extractor = load_extractor(f"hf:{tiny_classifier}")
+    expected = metrics.frechet_distance(extract_features(extractor, samples, batch_size=4).features,
+                                        extract_features(extractor, reference_images, batch_size=4).features)
+    assert report["fid"] == pytest.approx(expected, rel=1e-9)
