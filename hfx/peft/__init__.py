@@ -1,10 +1,12 @@
-"""hfx's additions to peft: ReLoRA (config, tuner, restart logic, jagged schedule, Trainer callback).
+"""hfx's additions to peft: ReLoRA (config, tuner, restart logic, jagged schedule, Trainer callback) and
+bottleneck adapters (Houlsby).
 
 Importing this package (``import hfx`` does) registers the methods with peft, so ``get_peft_model``,
 ``PeftConfig.from_pretrained`` and ``PeftModel.from_pretrained`` know them. Registration is idempotent.
 """
 
 from hfx.peft._registration import HfxPeftType, register_peft_method
+from hfx.peft.bottleneck import BottleneckAdapterConfig, BottleneckAdapterLayer, BottleneckAdapterModel
 from hfx.peft.relora import (
     ReLoraCallback,
     ReLoraConfig,
@@ -22,8 +24,12 @@ from hfx.peft.relora import (
 )
 
 register_peft_method(HfxPeftType.RELORA, ReLoraConfig, ReLoraModel, prefix="lora_")
+register_peft_method(HfxPeftType.BOTTLENECK_ADAPTER, BottleneckAdapterConfig, BottleneckAdapterModel, prefix="bottleneck_")
 
 __all__ = [
+    "BottleneckAdapterConfig",
+    "BottleneckAdapterLayer",
+    "BottleneckAdapterModel",
     "HfxPeftType",
     "ReLoraCallback",
     "ReLoraConfig",
