@@ -268,3 +268,13 @@ def test_statistics_all_reduce_across_two_real_processes(tmp_path):
     assert int(data["n"]) == 301
     np.testing.assert_allclose(data["mean"], data["expected_mean"], rtol=1e-10)
     np.testing.assert_allclose(data["cov"], data["expected_cov"], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_statistics_and_fid_on_cuda_equal_cpu():
+    a, b = correlated_features(500, 64, seed=16), correlated_features(400, 64, seed=17, shift=0.2)
+    on_gpu = [FeatureStatistics(64, device="cuda").update(torch.from_numpy(x).cuda()) for x in (a, b)]
+    assert frechet_distance(*on_gpu) == pytest.approx(frechet_distance(a, b), rel=1e-10)
+    assert kernel_inception_distance(torch.from_numpy(a).cuda(), b, subsets=3, subset_size=100).mean == pytest.approx(
+        kernel_inception_distance(a, b, subsets=3, subset_size=100).mean, rel=1e-10)
+    assert precision_recall(torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()) == precision_recall(a, b)

@@ -107,6 +107,7 @@ def kernel_inception_distance(features_a, features_b, subsets: int = 100, subset
     x, y = _as_float64_matrix(features_a), _as_float64_matrix(features_b)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"feature dimensions differ: {x.shape[1]} vs {y.shape[1]}")
+    y = y.to(x.device)
     if subsets < 1:
         raise ValueError(f"subsets must be >= 1, got {subsets}")
     smallest = min(x.shape[0], y.shape[0])
@@ -118,7 +119,7 @@ def kernel_inception_distance(features_a, features_b, subsets: int = 100, subset
     for _ in range(subsets):
         rows_x = torch.from_numpy(rng.choice(x.shape[0], subset_size, replace=False))
         rows_y = torch.from_numpy(rng.choice(y.shape[0], subset_size, replace=False))
-        scores.append(mmd2_unbiased(x[rows_x.to(x.device)], y[rows_y.to(y.device)], degree, coef0))
+        scores.append(mmd2_unbiased(x[rows_x.to(x.device)], y[rows_y.to(x.device)], degree, coef0))
     return MeanStd(float(np.mean(scores)), float(np.std(scores)))
 
 
