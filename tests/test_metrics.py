@@ -63,6 +63,12 @@ def test_fid_equals_closed_form_for_gaussians_with_diagonal_covariances():
     rotated = frechet_distance_from_statistics(rotation @ mu1, rotation @ np.diag(var1) @ rotation.T,
                                                rotation @ mu2, rotation @ np.diag(var2) @ rotation.T)
     assert rotated == pytest.approx(expected, rel=1e-8)
+    # Singular covariances (no Cholesky factor: the eigen-decomposition route) keep the closed form.
+    var1[:5], var2[3:9] = 0.0, 0.0
+    expected = ((mu1 - mu2) ** 2).sum() + (var1 + var2 - 2 * np.sqrt(var1 * var2)).sum()
+    assert torch.linalg.cholesky_ex(torch.from_numpy(np.diag(var1)))[1] != 0
+    got = frechet_distance_from_statistics(mu1, np.diag(var1), mu2, np.diag(var2))
+    assert got == pytest.approx(expected, rel=1e-8)
 
 
 def test_fid_equals_scipy_sqrtm_route_on_correlated_features():

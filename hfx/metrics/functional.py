@@ -28,8 +28,9 @@ def frechet_distance_from_statistics(mu1, sigma1, mu2, sigma2) -> float:
 
     ``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))``. The trace of the matrix square root is the sum of
     the square roots of the eigenvalues of ``S1 S2``, which equal those of the symmetric positive
-    semi-definite ``S1^(1/2) S2 S1^(1/2)``: two symmetric eigen-decompositions in float64, never a complex
-    number, and exact for singular covariances (fewer samples than dimensions).
+    semi-definite ``L^T S2 L`` for any factor ``S1 = L L^T``: in float64, never a complex number. ``L`` is
+    the Cholesky factor when ``S1`` is positive definite (cheap), else ``S1^(1/2)`` from a symmetric
+    eigen-decomposition, which stays exact for singular covariances (fewer samples than dimensions).
 
     Args:
         mu1, mu2: means ``[D]``.
@@ -45,9 +46,12 @@ def frechet_distance_from_statistics(mu1, sigma1, mu2, sigma2) -> float:
     if mu2.shape[0] != d or s1.shape != (d, d) or s2.shape != (d, d):
         raise ValueError(f"shapes do not match: mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}, "
                          f"mu2 {tuple(mu2.shape)}, sigma2 {tuple(s2.shape)}")
-    eigenvalues, eigenvectors = torch.linalg.eigh((s1 + s1.T) / 2)
-    sqrt_s1 = (eigenvectors * _significant(eigenvalues).sqrt()) @ eigenvectors.T
-    middle = sqrt_s1 @ s2 @ sqrt_s1
+    s1 = (s1 + s1.T) / 2
+    factor, info = torch.linalg.cholesky_ex(s1)
+    if info.item() != 0:  # singular S1: its symmetric square root is a factor too
+        eigenvalues, eigenvectors = torch.linalg.eigh(s1)
+        factor = (eigenvectors * _significant(eigenvalues).sqrt()) @ eigenvectors.T
+    middle = factor.T @ s2 @ factor
     trace_sqrt_product = _significant(torch.linalg.eigvalsh((middle + middle.T) / 2)).sqrt().sum()
     diff = mu1 - mu2
     distance = diff @ diff + torch.trace(s1) + torch.trace(s2) - 2 * trace_sqrt_product
