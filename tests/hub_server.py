@@ -25,7 +25,7 @@ Private repos are readable only with a valid token. :meth:`LoopbackHub.fail_next
 failures (5xx or a dropped connection) so retry logic can be tested; :attr:`LoopbackHub.requests` records
 every request (method, path, status; never headers, so no token is kept).
 
-Use the :func:`hub` fixture (``from hub_server import hub``): it starts a server on 127.0.0.1, points
+Use the ``hub`` fixture (``from hub_server import hub_fixture`` in a test module): it starts a server on 127.0.0.1, points
 ``HF_ENDPOINT`` (and the values ``huggingface_hub.constants`` read at import) at it, disables Xet (the
 client would otherwise hang on a server without Xet storage), sets a valid dummy ``HF_TOKEN``, and lifts
 the test-wide offline mode for the duration of the test.
@@ -130,7 +130,8 @@ class LoopbackHub:
     # ----------------------------------------------------------------------------- for tests
     def fail_next(self, method: str, path_pattern: str, statuses: list[int]) -> None:
         """The next ``len(statuses)`` requests whose method and path (regex search) match get these
-        statuses instead of an answer; status 0 closes the connection without a response."""
+        statuses instead of an answer; status 0 closes the connection without handling the request, -1
+        handles it and then closes the connection without answering (a lost response)."""
         with self._lock:
             self._failures.extend((method, path_pattern, status) for status in statuses)
 
@@ -379,6 +380,12 @@ def _make_handler(hub: LoopbackHub):
             path, query = unquote(url.path), parse_qs(url.query)
             body = self._body() if self.command in ("POST", "PUT") else b""
             failure = hub.take_failure(self.command, path)
+            if failure == -1:  # do the work, then lose the answer
+                try:
+                    self._route(path, query, body, respond=False)
+                except HubError:
+                    pass
+                failure = 0
             if failure is not None:
                 if failure == 0:
                     hub.requests.append((self.command, self.path, 0))
@@ -394,8 +401,10 @@ def _make_handler(hub: LoopbackHub):
                     headers["X-Error-Code"] = err.code
                 self._send(err.status, json.dumps({"error": err.message}).encode(), headers, self.command == "HEAD")
 
-        def _route(self, path: str, query: dict, body: bytes) -> None:
+        def _route(self, path: str, query: dict, body: bytes, respond: bool = True) -> None:
             method, head = self.command, self.command == "HEAD"
+            if not respond:  # the request is handled, its answer dropped by the caller
+                self._json = self._send = lambda *args, **kwargs: None
             as_json = (lambda: json.loads(body or b"{}"))  # noqa: E731
             if method == "POST" and path == "/api/repos/create":
                 status, payload = hub.create_repo(as_json(), self.headers)
@@ -463,8 +472,8 @@ def hub_environment(hub_url: str) -> dict[str, str]:
             "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
-@pytest.fixture
-def hub(monkeypatch):
+@pytest.fixture(name="hub")
+def hub_fixture(monkeypatch):
     """A running :class:`LoopbackHub`; ``huggingface_hub`` in this process talks to it."""
     from huggingface_hub import constants, hf_api
 

@@ -101,6 +101,9 @@ def push(
             folder = export_remote_code(output_dir, Path(tmp) / "export")
         card_dir = folder
         readme = folder / "README.md"
+        if not readme.is_file() and not remote_code:
+            logger.info("%s has no model card: rendering one", folder)
+            render_card(output_dir)  # kept with the artifact (and its sample grid is made only once)
         if not readme.is_file() or MARKER in readme.read_text(encoding="utf-8"):
             # An hfx card is rendered again so that its load snippet names this repo.
             card_dir = render_card(output_dir, out_dir=Path(tmp) / "card", repo_id=repo_id, remote_code=remote_code).parent
@@ -156,6 +159,19 @@ def _landed(api, repo_id: str, branch: str, head: str) -> str | None:
     return None if sha == head else f"{api.endpoint}/{repo_id}/commit/{sha}"
 
 
+def _http_cause(err: BaseException):
+    """The HfHubHTTPError or transport error behind ``err`` (following ``__cause__``), or None."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, (HfHubHTTPError, httpx2.TransportError)):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
 class _Caller:
     """Runs one Hub call with retries on transient failures and turns failures into clear errors."""
 
@@ -169,7 +185,13 @@ class _Caller:
         failed_before = False
         for attempt in range(self.max_retries + 1):
             try:
-                return fn()
+                try:
+                    return fn()
+                except RuntimeError as wrapped:  # huggingface_hub wraps LFS upload errors
+                    cause = _http_cause(wrapped)
+                    if cause is None:
+                        raise
+                    raise cause from None
             except HfHubHTTPError as err:
                 status = err.response.status_code if err.response is not None else None
                 if status == 412 and failed_before and landed is not None and (url := landed()):
