@@ -425,6 +425,18 @@ def test_saved_adapter_holds_the_history_and_export_has_rank_k_plus_one_times_r(
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 16, 16)
 
 
+def test_full_state_dict_checkpoint_resumes_into_a_freshly_wrapped_model(runs, tmp_path):
+    """What an engine checkpoint (Accelerate's save_state: model.state_dict() as safetensors) relies on: the
+    history buffers, whose size grows with each restart, load into a model that has none yet."""
+    trained = runs["model"]
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, tmp_path / "model.safetensors")
+    resumed = relora_model(modules_to_save=["lm_head"])
+    resumed.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    assert (logits_of(resumed, runs["batch"]) - runs["expected"]["manual"]).abs().max() < 1e-6
+    layer = next(m for m in resumed.modules() if isinstance(m, ReLoraLinear))
+    assert layer.num_restarts("default") == 3
+
+
 def test_loading_onto_a_trained_model_replaces_its_history(runs):
     """What Trainer(load_best_model_at_end) and resuming do: load a checkpoint into a model that already
     carries another history. The result must equal loading that checkpoint onto the original base."""
