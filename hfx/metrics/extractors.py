@@ -14,7 +14,6 @@ score carries that record. No weights are ever downloaded: pretrained weights co
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -27,9 +26,10 @@ from torch import nn
 
 from hfx.metrics.inception import FID_INCEPTION_SIZE, FIDInceptionV3
 
-logger = logging.getLogger(__name__)
-
 RANDOM_INIT = "random-init"
+# "bilinear" is pytorch-fid's resize (torch, align_corners=False). The "-antialias" modes filter like PIL
+# when downsampling, close to (not bit-equal with) clean-fid's PIL-bicubic resize. torch-fidelity's
+# TF1-style bilinear resize is none of these: scores from different resize modes are not comparable.
 RESIZE_MODES = ("bilinear", "bilinear-antialias", "bicubic", "bicubic-antialias", "nearest")
 # ITU-R 601-2 luma, as PIL's convert("L"): how a model that reads one channel sees a colour image.
 _LUMA = (0.299, 0.587, 0.114)

@@ -28,6 +28,17 @@ def _as_float64_matrix(features, device=None) -> torch.Tensor:
     return features.to(device=device, dtype=torch.float64)
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """``x^T x`` of a float64 ``[B, D]`` batch. On the CPU through BLAS ``dsyrk``, which computes one triangle
+    of the symmetric product: half the work of a general matrix product (the dominant cost at D = 2048)."""
+    if x.device.type != "cpu":
+        return x.T @ x
+    from scipy.linalg.blas import dsyrk
+
+    upper = torch.from_numpy(dsyrk(1.0, x.detach().contiguous().numpy().T))  # Fortran [D, B]: no copy
+    return upper.triu() + upper.triu(1).T
+
+
 class FeatureStatistics:
     """Running ``n``, ``sum(x)`` and ``sum(x x^T)`` of D-dimensional features, in float64.
 
@@ -67,7 +78,7 @@ class FeatureStatistics:
         self._require_sums("update")
         self.n += x.shape[0]
         self.sum += x.sum(dim=0)
-        self.sum_outer += x.T @ x
+        self.sum_outer += _gram(x)
         return self
 
     def merge(self, other: FeatureStatistics) -> FeatureStatistics:
