@@ -75,22 +75,17 @@ def _train(recipe: str, overrides: list[str]):
 
 
 def _evaluator_extractor(folder: Path):
-    """The trained timm classifier as a feature extractor: penultimate features and logits."""
-    import timm
-
+    """The trained classifier as a feature extractor: its penultimate features and its logits."""
     from hfx.metrics.extractors import ModuleFeatureExtractor, file_fingerprint
+    from hfx.trainers.tasks.images import TrainedImageClassifier
 
-    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-    prep = json.loads((folder / "hfx_preprocessing.json").read_text())
-
-    def features_and_logits(module, pixels):
-        features = module.forward_head(module.forward_features(pixels), pre_logits=True)
-        return features, module.get_classifier()(features)
-
+    classifier = TrainedImageClassifier(folder)
+    prep = classifier.preprocessing
+    # mean = std = 0.5 hands the classifier [-1, 1] pixels, which it normalises its own way.
     return ModuleFeatureExtractor(
-        model, name=f"hfx digits evaluator ({folder})", weights=file_fingerprint(folder / "model.safetensors"),
-        image_size=prep["image_size"], channels=1 if prep["mode"] == "L" else 3, mean=(prep["mean"],),
-        std=(prep["std"],), feature_fn=features_and_logits,
+        classifier.model, name=f"hfx digits evaluator ({folder})", weights=file_fingerprint(folder / "model.safetensors"),
+        image_size=prep["image_size"], channels=1 if prep["mode"] == "L" else 3, mean=(0.5,), std=(0.5,),
+        feature_fn=lambda _, pixels: classifier.features_and_logits(pixels),
     )
 
 

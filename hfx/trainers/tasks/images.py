@@ -57,3 +57,67 @@ def build_image_data(task: Task, *, image_column: str = "image", label_column: s
 
     eval_set = dataset[cfg.eval_split].with_transform(transform) if cfg.eval_split is not None else None
     return TaskData(train=train.with_transform(transform), eval=eval_set), info
+
+
+def to_pil_images(pixels: torch.Tensor) -> list:
+    """(B, C, H, W) tensors in [-1, 1] -> PIL images (mode ``L`` for one channel, ``RGB`` for three)."""
+    from PIL import Image
+
+    array = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a) for a in array]
+
+
+def image_grid(pixels: torch.Tensor, rows: int):
+    """(rows * cols, C, H, W) in [-1, 1] -> one PIL grid image, row-major."""
+    from diffusers.utils import make_image_grid
+
+    images = to_pil_images(pixels)
+    return make_image_grid(images, rows=rows, cols=len(images) // rows)
+
+
+class TrainedImageClassifier:
+    """A classifier saved by the ``image-classification`` task (``final/``), with its preprocessing.
+
+    ``features(pixels)`` and ``logits(pixels)`` take (B, C, H, W) in [-1, 1], the range every hfx
+    generator produces, and apply the classifier's own normalisation.
+    """
+
+    def __init__(self, folder):
+        import json
+        from pathlib import Path
+
+        folder = Path(folder)
+        prep_file = folder / "hfx_preprocessing.json"
+        if not prep_file.is_file():
+            raise FileNotFoundError(f"{folder} is not an image-classification artifact (no hfx_preprocessing.json)")
+        self.folder = folder
+        self.preprocessing = json.loads(prep_file.read_text())
+        config = json.loads((folder / "config.json").read_text())
+        if "architecture" in config:  # timm's layout
+            import timm
+
+            self.model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+            self.is_timm = True
+        else:
+            import transformers
+
+            self.model = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
+            self.is_timm = False
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] pixels -> the classifier's input: ``(pixels / 255 - mean) / std`` of its training."""
+        unit = (pixels + 1) / 2
+        size = self.preprocessing["image_size"]
+        if unit.shape[-1] != size:
+            unit = torch.nn.functional.interpolate(unit, size=(size, size), mode="bilinear", antialias=True)
+        return (unit - self.preprocessing["mean"]) / self.preprocessing["std"]
+
+    @torch.no_grad()
+    def features_and_logits(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.normalise(pixels)
+        if self.is_timm:
+            features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+            return features, self.model.get_classifier()(features)
+        out = self.model(pixel_values=x, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        return (hidden.flatten(2).mean(-1) if hidden.ndim == 4 else hidden.mean(1)), out.logits
