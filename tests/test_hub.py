@@ -20,6 +20,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from hub_server import VALID_TOKEN, hub_environment, hub_fixture  # noqa: F401  (the `hub` fixture)
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
+from PIL import Image
 from safetensors.torch import save_file
 
 from hfx.cli import main
@@ -74,6 +75,10 @@ def make_vae_run(root: Path, seed: int = 0) -> Path:
     (run / "checkpoint-10").mkdir(parents=True)
     (run / "checkpoint-10" / "optimizer.bin").write_bytes(b"optimizer state")
     (run / "checkpoint-10" / "random_states_0.pkl").write_bytes(b"rng")
+    (run / "samples").mkdir()
+    for step in (5, 10):  # two series, two steps: the card shows the newest of each
+        for series in ("samples", "reconstructions"):
+            Image.new("L", (16, 16), color=step * 10).save(run / "samples" / f"{series}-step-{step:07d}.png")
     (run / "logs").mkdir()
     (run / "logs" / "events.out.tfevents.1.host").write_bytes(b"tensorboard")
     (run / "config.yaml").write_text(textwrap.dedent(f"""\
@@ -190,7 +195,8 @@ def test_push_model_pipeline_adapter_then_load_by_repo_id_in_fresh_processes(hub
     push(run_v1, vae_repo, revision="dev")
     push(run_v2, vae_repo, commit_message="v2")
     files = uploaded(hub, vae_repo)
-    assert {"config.json", "model.safetensors", "README.md", "images/loss.png", "images/samples.png"} <= files
+    assert {"config.json", "model.safetensors", "README.md", "images/loss.png", "images/samples-step-0000010.png",
+            "images/reconstructions-step-0000010.png"} <= files
     assert not [f for f in files if f.startswith(TRAINING_STATE)], files
     assert "model.safetensors" in hub.lfs_paths(vae_repo)
     assert hub.files(vae_repo)["model.safetensors"] == (run_v2 / "final" / "model.safetensors").read_bytes()
@@ -337,13 +343,13 @@ def test_card_metadata_results_images_and_snippet(tmp_path):
     assert results["neg_elbo"].dataset_split == "test"
     assert results["neg_elbo"].metric_args == {"num_samples": 64, "extractor": "pixel likelihood (no extractor)"}
     text = readme.read_text()
-    for expected in ("2-core x86_64 CPU", "hfx train vae-digits", "1.5 min", "max_eval_samples: 64",
+    for expected in ("2-core x86_64 CPU", "hfx train vae-digits", "Training time: 90 s", "max_eval_samples: 64",
                      "transformers 5.", "| neg_elbo | 3.25 | 64 |", "Limitations"):
         assert expected in text, expected
     from hfx.hub import card_images
 
     images = card_images(text)
-    assert images == ["images/samples.png", "images/loss.png"]
+    assert images == ["images/reconstructions-step-0000010.png", "images/samples-step-0000010.png", "images/loss.png"]
     assert all((run / "final" / image).is_file() for image in images)
 
     namespace: dict = {}

@@ -8,7 +8,10 @@ artifact's kind (``model``, ``pipeline``, ``adapter``). What it reads from a run
 - ``config.yaml``: the resolved recipe (task, dataset, seed), shown in full;
 - ``results.json``: the final evaluation (``eval/<metric>``), step count and training time;
 - ``metrics.jsonl``: the training-loss curve, plotted to ``images/loss.png``;
-- ``samples/*.png``: sample grids; a pipeline or VAE without any gets a small grid sampled now.
+- ``samples/*.png``: the newest grid of each series; a pipeline or VAE without any gets a small grid
+  sampled now (kept as ``images/samples.png`` and reused by later renders).
+
+``images/`` belongs to the card: images in it that the card does not show are removed.
 
 Whatever the caller knows better (hardware, the command line, sample sizes and the feature extractor
 behind each metric) comes in as keyword facts; they are kept in ``.hfx-card.json`` beside the card so that
@@ -55,6 +58,7 @@ FACT_KEYS = {
     "train_time": "how long it trained (text), default from results.json",
     "limitations": "the limitations section",
     "remote_code": "write the snippet for loading without hfx (trust_remote_code=True)",
+    "load_snippet": "Python that loads the artifact, replacing the generated one; REPO_OR_PATH becomes the repo id",
 }
 _PERSISTED = set(FACT_KEYS) - {"repo_id", "sample_images"}
 _IMAGE = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)|<img\s[^>]*src=[\"']([^\"']+)[\"']")
@@ -107,6 +111,11 @@ def render_card(output_dir: str | Path, *, out_dir: str | Path | None = None, **
     tmp = readme.with_name("README.md.tmp")
     card.save(tmp)
     os.replace(tmp, readme)
+    # images/ belongs to the card: drop what an earlier render put there and this card no longer shows.
+    shown = set(card_images(readme.read_text(encoding="utf-8")))
+    for stale in (target / "images").glob("*.png") if (target / "images").is_dir() else []:
+        if f"images/{stale.name}" not in shown:
+            stale.unlink()
     kept = {k: v for k, v in facts.items() if k in _PERSISTED and _jsonable(v)}
     if kept:
         (target / FACTS_FILE).write_text(json.dumps(kept, indent=2, sort_keys=True))
@@ -178,7 +187,7 @@ def _build_card(output: Output, run: _RunRecord, facts: dict, images: dict):
         for r in results
     ] or None
     base_model = config.get("base_model_name_or_path") if kind == "adapter" else None
-    library_tag = {"pipeline": "diffusers", "adapter": "peft", "model": "transformers"}[kind]
+    library_tag = "timm" if is_timm(config) else {"pipeline": "diffusers", "adapter": "peft", "model": "transformers"}[kind]
     tags = _unique(["hfx", library_tag, method, type_name, *(facts.get("tags") or [])])
     datasets = facts.get("datasets") or ([run.dataset] if run.dataset and "/" in run.dataset else None)
     card_data = ModelCardData(
@@ -191,15 +200,15 @@ def _build_card(output: Output, run: _RunRecord, facts: dict, images: dict):
     variables = dict(
         marker=MARKER, model_name=model_name,
         summary=facts.get("summary") or _summary(output, method, run),
-        load_snippet=load_snippet(output, ref, remote_code=bool(facts.get("remote_code"))),
+        load_snippet=(facts["load_snippet"].replace("REPO_OR_PATH", ref) if facts.get("load_snippet")
+                      else load_snippet(output, ref, remote_code=bool(facts.get("remote_code")))),
         samples=images.get("samples", []), loss_curve=images.get("loss"),
         results_section=_results_section(results, run),
         method=method, task=run.config.get("task", "not recorded"),
         dataset=f"`{run.dataset}`" if run.dataset else "not recorded",
         steps=run.steps if run.steps is not None else "not recorded",
         hardware=facts.get("hardware") or run.results.get("hardware") or "not recorded",
-        train_time=facts.get("train_time") or (f"{train_seconds / 60:.1f} min" if train_seconds is not None
-                                                else "not recorded"),
+        train_time=facts.get("train_time") or _duration(train_seconds),
         versions=", ".join(f"{name} {_version(name)}" for name in _STACK),
         command=facts.get("command") or ("hfx train config.yaml  # config.yaml: the resolved configuration below"
                                          if run.config_text else "not recorded (this artifact has no run folder)"),
@@ -265,6 +274,9 @@ def load_snippet(output: Output, ref: str, remote_code: bool = False) -> str:
             f'base = {auto}.from_pretrained("{base}")',
             f'model = PeftModel.from_pretrained(base, "{ref}")',
         ])
+    if is_timm(config):
+        source = f"hf-hub:{ref}" if not os.path.isdir(ref) else f"local-dir:{ref}"
+        return "\n".join(["import timm", "", f'model = timm.create_model("{source}", pretrained=True).eval()'])
     auto = _auto_class(config)
     if remote_code:
         lines = [f"from transformers import {auto}", "",
@@ -276,6 +288,11 @@ def load_snippet(output: Output, ref: str, remote_code: bool = False) -> str:
         labels = ", labels=[0, 1, 2, 3]" if config.get("num_classes") else ""
         lines.append(f"images = model.sample(4{labels})  # (4, channels, height, width) in [-1, 1]")
     return "\n".join(lines)
+
+
+def is_timm(config: dict) -> bool:
+    """A timm model's config.json (``architecture`` + ``pretrained_cfg``) rather than a transformers one."""
+    return "model_type" not in config and ("pretrained_cfg" in config or "architecture" in config)
 
 
 def _auto_class(config: dict) -> str:
@@ -294,6 +311,8 @@ def _pipeline_tag(output: Output) -> str | None:
         return "unconditional-image-generation"  # the closest Hub tag for class-conditional image generation
     if output.kind == "adapter":
         return {"CAUSAL_LM": "text-generation", "SEQ_CLS": "text-classification"}.get(config.get("task_type") or "")
+    if is_timm(config):
+        return "image-classification"
     architecture = (config.get("architectures") or [""])[0]
     for suffix, tag in (("ForCausalLM", "text-generation"), ("ForImageClassification", "image-classification"),
                         ("ForSequenceClassification", "text-classification")):
@@ -308,7 +327,7 @@ def _type_name(output: Output) -> str:
         return config["_class_name"]
     if output.kind == "adapter":
         return str(config.get("peft_type", "adapter")).lower()
-    return config.get("model_type", "model")
+    return config.get("model_type") or config.get("architecture") or "model"
 
 
 def _default_name(output: Output, method: str) -> str:
@@ -319,7 +338,7 @@ def _default_name(output: Output, method: str) -> str:
 def _summary(output: Output, method: str, run: _RunRecord) -> str:
     what = {"pipeline": f"A diffusers pipeline (`{_type_name(output)}`)",
             "adapter": f"A PEFT adapter ({_type_name(output)}) for `{output.config.get('base_model_name_or_path')}`",
-            "model": f"A transformers model (`{_type_name(output)}`)"}[output.kind]
+            "model": f"A {'timm' if is_timm(output.config) else 'transformers'} model (`{_type_name(output)}`)"}[output.kind]
     data = f" on `{run.dataset}`" if run.dataset else ""
     return f"{what} trained{data} with [hfx](https://github.com/hfx) (method: `{method}`)."
 
@@ -341,13 +360,13 @@ def _images(output: Output, run: _RunRecord, target: Path, facts: dict) -> dict:
         found["loss"] = "images/loss.png"
     sources = [Path(p) for p in facts.get("sample_images") or []]
     if not sources and output.run_dir is not None:
-        sources = sorted((output.run_dir / "samples").glob("*.png"))[-2:]
+        sources = latest_samples(output.run_dir / "samples")
     missing = [str(p) for p in sources if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"sample images not found: {', '.join(missing)}")
     samples = []
-    for i, source in enumerate(sources):
-        name = f"images/samples-{i}{source.suffix}"
+    for source in sources:
+        name = f"images/{source.name}"
         images_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target / name)
         samples.append(name)
@@ -365,6 +384,15 @@ def _images(output: Output, run: _RunRecord, target: Path, facts: dict) -> dict:
             samples.append("images/samples.png")
     found["samples"] = samples
     return found
+
+
+def latest_samples(folder: Path) -> list[Path]:
+    """The newest image of each series in a run's ``samples/`` folder (``<series>step-<n>.png``, e.g.
+    ``samples-step-0000040.png`` and ``reconstructions-step-0000040.png``)."""
+    latest: dict[str, Path] = {}
+    for path in sorted(folder.glob("*.png")):  # zero-padded steps sort in order
+        latest[re.sub(r"step-\d+$", "", path.stem)] = path
+    return list(latest.values())
 
 
 def plot_loss_curve(records: list[dict], path: Path) -> bool:
@@ -442,6 +470,12 @@ def _version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "not recorded"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _unique(items: list) -> list:

@@ -96,7 +96,13 @@ def _export_model(folder: Path) -> None:
 
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
+    if "model_type" not in config:
+        raise ValueError(f"{config_path} has no model_type: not a transformers model (a timm model loads with "
+                         "timm alone); the remote-code export covers transformers models and diffusers pipelines")
     config_class = transformers.AutoConfig.for_model(config["model_type"]).__class__
+    if not config_class.__module__.startswith("hfx."):
+        logger.info("%s is a transformers built-in (%s): it loads without hfx as it is", folder, config["model_type"])
+        return
     architecture = (config.get("architectures") or [None])[0]
     model_class = _model_class(config_class, architecture)
     auto_name = next((auto for suffix, auto in _AUTO_FOR_SUFFIX if model_class.__name__.endswith(suffix)), "AutoModel")
