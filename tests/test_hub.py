@@ -24,7 +24,15 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from hfx.cli import main
-from hfx.hub import HubAuthError, HubUnreachableError, export_remote_code, push, render_card
+from hfx.hub import (
+    HubAuthError,
+    HubCallback,
+    HubUnreachableError,
+    card_images,
+    export_remote_code,
+    push,
+    render_card,
+)
 from hfx.hub import publish as publish_module
 from hfx.models.noisy_classifier import NoisyClassifier
 from hfx.models.vae import HfxVAEConfig, HfxVAEModel
@@ -164,10 +172,11 @@ with torch.no_grad():
     same("vae_v2", AutoModel.from_pretrained(spec["vae"]).decode(z))
     same("vae_v1", AutoModel.from_pretrained(spec["vae"], revision=spec["vae_v1_sha"]).decode(z))
     same("vae_v1", AutoModel.from_pretrained(spec["vae"], revision="dev").decode(z))
-    pipe = ClassConditionalPipeline.from_pretrained(spec["pipeline"])
-    pipe.set_progress_bar_config(disable=True)
-    same("pipeline", torch.from_numpy(pipe([0, 1, 2], num_inference_steps=3, output_type="np",
-                                           generator=torch.Generator().manual_seed(0)).images))
+    for revision in (None, spec["pipeline_sha"]):
+        pipe = ClassConditionalPipeline.from_pretrained(spec["pipeline"], revision=revision)
+        pipe.set_progress_bar_config(disable=True)
+        same("pipeline", torch.from_numpy(pipe([0, 1, 2], num_inference_steps=3, output_type="np",
+                                               generator=torch.Generator().manual_seed(0)).images))
     peft = PeftModel.from_pretrained(AutoModel.from_pretrained(spec["vae"]), spec["adapter"])
     same("adapter", peft.get_base_model().decode(z))
 for snippet in spec["snippets"]:
@@ -206,7 +215,7 @@ def test_push_model_pipeline_adapter_then_load_by_repo_id_in_fresh_processes(hub
     pipe.save_pretrained(tmp_path / "pipe")
     expected["pipeline"] = torch.from_numpy(pipe([0, 1, 2], num_inference_steps=3, output_type="np",
                                                  generator=torch.Generator().manual_seed(0)).images)
-    push(tmp_path / "pipe", pipe_repo)
+    pipeline_sha = push(tmp_path / "pipe", pipe_repo).rsplit("/", 1)[1]
     assert {"model_index.json", "unet/config.json", "classifier/config.json", "README.md"} <= uploaded(hub, pipe_repo)
 
     # Adapter: LoRA on the pushed model, loaded from its repo id (so the adapter names it as base).
@@ -225,7 +234,8 @@ def test_push_model_pipeline_adapter_then_load_by_repo_id_in_fresh_processes(hub
     snippets = [snippet_of(hub.files(repo)["README.md"].decode()) for repo in (vae_repo, pipe_repo, adapter_repo)]
     assert all(repo in s for repo, s in zip((vae_repo, pipe_repo, adapter_repo), snippets))
     spec = json.dumps({"expected": str(tmp_path / "expected.safetensors"), "vae": vae_repo, "vae_v1_sha": vae_v1_sha,
-                       "pipeline": pipe_repo, "adapter": adapter_repo, "snippets": snippets})
+                       "pipeline": pipe_repo, "pipeline_sha": pipeline_sha, "adapter": adapter_repo,
+                       "snippets": snippets})
     env = {**hub_environment(hub.url), "HF_HOME": str(tmp_path / "child-hf-home")}
     assert "3 snippets ran" in run_child(CHILD_LOAD, env, tmp_path, spec)
 
@@ -346,8 +356,6 @@ def test_card_metadata_results_images_and_snippet(tmp_path):
     for expected in ("2-core x86_64 CPU", "hfx train vae-digits", "Training time: 90 s", "max_eval_samples: 64",
                      "transformers 5.", "| neg_elbo | 3.25 | 64 |", "Limitations"):
         assert expected in text, expected
-    from hfx.hub import card_images
-
     images = card_images(text)
     assert images == ["images/reconstructions-step-0000010.png", "images/samples-step-0000010.png", "images/loss.png"]
     assert all((run / "final" / image).is_file() for image in images)
@@ -454,3 +462,30 @@ def test_checkpoints_only_when_asked_and_cli_commands(hub, tmp_path, capsys):
     assert (tmp_path / "rc" / "modeling_vae.py").is_file()
     assert main(["export", str(run), "--remote-code", "--out", str(tmp_path / "rc")]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_training_run_writes_its_card_and_pushes_through_the_callback(hub, tmp_path):
+    from hfx.trainers import load_config
+    from hfx.trainers.engine import train
+
+    repo_id = hub.new_repo_id("trained")
+    config = load_config({
+        "task": "vae", "output_dir": str(tmp_path / "run"),
+        "data": {"dataset": "digits", "options": {"image_size": 8}, "max_eval_samples": 32},
+        "task_options": {"model": {"block_out_channels": [8, 16], "latent_channels": 2, "norm_num_groups": 4},
+                         "grid_size": 2, "scaling_samples": 32},
+        "train": {"max_steps": 4, "batch_size": 16}, "eval": {"every_steps": 2},
+        "log": {"every_steps": 1, "report_to": []},
+    }, [])
+    callback = HubCallback(push_to_hub=repo_id, command="hfx train vae-digits.yaml", hardware="test CPU")
+    result = train(config, callbacks=[callback])
+    card = ModelCard.load(result.final_dir / "README.md")
+    measured = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert measured == pytest.approx({k: round(v, 6) for k, v in result.metrics.items()})
+    assert all(r.metric_args == {"num_samples": 32} for r in card.data.eval_results)
+    assert "hfx train vae-digits.yaml" in card.text and "test CPU" in card.text
+    assert callback.commit_url.endswith(hub.repos[repo_id].branches["main"])
+    files = uploaded(hub, repo_id)
+    assert {"README.md", "model.safetensors", "images/loss.png"} <= files
+    assert set(card_images(card.content)) <= files
+    assert f'AutoModel.from_pretrained("{repo_id}")' in hub.files(repo_id)["README.md"].decode()

@@ -1,0 +1,68 @@
+"""The end of a training run, seen from the Hub: render the model card and optionally push.
+
+The engine (``hfx.trainers``) sits below ``hfx.hub`` and may not import it, so the run's caller adds this
+callback: ``train(config, callbacks=[HubCallback(push_to_hub="user/name")])``. It runs after the final
+artifact and ``results.json`` are written, on the main process only.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from typing import Any
+
+from hfx.trainers.callbacks import Callback
+
+logger = logging.getLogger(__name__)
+
+
+class HubCallback(Callback):
+    """Render ``final/README.md`` with :func:`hfx.hub.render_card` at the end of a run, then push the run
+    to ``push_to_hub`` (a repo id) when given.
+
+    Args:
+        push_to_hub: repo id to push to after the card is written; ``None`` to only write the card.
+        private: create the repo private.
+        revision: branch to push to.
+        **facts: card facts (see :data:`hfx.hub.cards.FACT_KEYS`) on top of what the run provides: the
+            task's summary, the Hub task type of its metrics, and the command line.
+    """
+
+    def __init__(self, push_to_hub: str | None = None, private: bool = False, revision: str | None = None,
+                 **facts: Any):
+        from hfx.hub.cards import FACT_KEYS
+
+        unknown = sorted(set(facts) - set(FACT_KEYS))
+        if unknown:
+            raise ValueError(f"unknown card facts {unknown}; known: {', '.join(sorted(FACT_KEYS))}")
+        self.push_to_hub, self.private, self.revision, self.facts = push_to_hub, private, revision, facts
+        self.card_path = None
+        self.commit_url: str | None = None
+
+    def on_train_end(self, trainer) -> None:
+        if not trainer.accelerator.is_main_process:
+            return
+        from hfx.hub.cards import render_card
+        from hfx.hub.publish import push
+
+        extra = trainer.task.card(dict(trainer.last_eval)) or {}
+        facts = {"method": trainer.config.task, "command": _command_line()}
+        if extra.get("model_summary"):
+            facts["summary"] = extra["model_summary"]
+        if trainer.task.hub_task_type:
+            facts["task_type"] = trainer.task.hub_task_type
+        facts.update(self.facts)
+        self.card_path = render_card(trainer.output_dir, **facts)
+        logger.info("wrote the model card %s", self.card_path)
+        if self.push_to_hub:
+            self.commit_url = push(trainer.output_dir, self.push_to_hub, private=self.private, revision=self.revision)
+            logger.info("pushed %s to %s", trainer.output_dir, self.commit_url)
+
+
+def _command_line() -> str:
+    """The command that started this process, as a user would type it (``hfx train ...``)."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("hfx", "__main__.py", "-m")):
+        argv[0] = "hfx"
+    return shlex.join(argv) if argv else "not recorded"
