@@ -212,3 +212,28 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
     assert {r.metric_type for r in card.data.eval_results} == {"accuracy", "fid"}
     assert "Measured by `hfx demo`" in card.text
     ClassConditionalPipeline.from_pretrained(tmp_path / "pipeline")
+
+
+@pytest.mark.slow
+def test_latent_diffusion_on_a_trained_vae(tmp_path):
+    """`latent_vae` trains the UNet on the VAE's latents and saves a LatentDiffusionPipeline that decodes
+    them to images; the pipeline reloads with identical samples."""
+    from hfx.pipelines import LatentDiffusionPipeline
+
+    vae_run = train(vae_config(tmp_path / "vae", "train.max_steps=5", "eval.every_steps=null"))
+    run = train(diffusion_config(tmp_path / "ldm", f"task_options.latent_vae={vae_run.final_dir}", "train.max_steps=5",
+                                 "eval.every_steps=5"))
+    pipe = LatentDiffusionPipeline.from_pretrained(run.final_dir)
+    assert pipe.unet.config.in_channels == 2 and pipe.unet.config.sample_size == 4  # 8x8 images, factor 2
+    assert pipe.vae.config.scaling_factor == pytest.approx(
+        json.loads((Path(vae_run.final_dir) / "config.json").read_text())["scaling_factor"])
+    images = pipe([0, 9], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (2, 1, 8, 8)
+    again = LatentDiffusionPipeline.from_pretrained(run.final_dir)
+    torch.testing.assert_close(
+        again([0, 9], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images,
+        images, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="conditional VAE"):
+        cvae = train(vae_config(tmp_path / "cvae", "task_options.conditional=true", "train.max_steps=1",
+                                "eval.every_steps=null", "eval.at_end=false"))
+        train(diffusion_config(tmp_path / "bad", f"task_options.latent_vae={cvae.final_dir}"))

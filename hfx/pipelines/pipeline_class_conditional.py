@@ -281,6 +281,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 "channels; learned-variance outputs are not supported"
             )
 
+    def decode_latents(self, sample: torch.Tensor) -> torch.Tensor:
+        """The denoised sample as images in [-1, 1]: pixel space already here; latent pipelines decode."""
+        return sample
+
     @torch.no_grad()
     def __call__(
         self,
@@ -356,7 +360,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 )
             image = scheduler.step(model_output, t, image, **step_kwargs).prev_sample
 
-        image = (image / 2 + 0.5).clamp(0, 1)
+        image = (self.decode_latents(image) / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).float().numpy()
             if output_type == "pil":

@@ -9,6 +9,12 @@ samples with classifier-free guidance at any scale. The loss is the mean squared
 Evaluation reports the held-out denoising loss at fixed noise and timesteps (comparable across steps and
 runs) and writes a grid of samples (one row per class, EMA weights) to ``samples/`` and TensorBoard.
 
+With ``latent_vae`` (a trained, unconditional :class:`~hfx.models.vae.HfxVAEModel` or a diffusers
+``AutoencoderKL``) the model is a latent diffusion model: every image is encoded once, before training, to
+its posterior mean and standard deviation; each step draws ``z`` from that posterior and the UNet learns to
+denoise ``z * scaling_factor``. The saved artifact is then a
+:class:`~hfx.pipelines.LatentDiffusionPipeline` that carries the frozen VAE.
+
 ``noisy-classifier`` trains :class:`~hfx.models.noisy_classifier.NoisyClassifier` on ``x_t`` at uniformly
 drawn timesteps of the same noise schedule (read from ``diffusion_pipeline`` when given), and reports
 accuracy overall and on the noisiest and cleanest thirds of the timesteps.
@@ -72,6 +78,8 @@ class DiffusionOptions(NoiseScheduleOptions):
     """DDIM steps of the validation grids."""
     grid_guidance_scale: float | None = None
     """Guidance of the validation grids (default: ``default_guidance_scale``)."""
+    latent_vae: str | None = None
+    """A trained VAE folder: diffuse in its latent space (latent diffusion) instead of pixel space."""
 
 
 @dataclass
@@ -97,6 +105,51 @@ def noise_scheduler(opts: NoiseScheduleOptions):
         return DDPMScheduler.from_pretrained(pipeline, subfolder="scheduler")
     return DDPMScheduler(num_train_timesteps=opts.num_train_timesteps, beta_schedule=BETA_SCHEDULES[opts.beta_schedule],
                          prediction_type=opts.prediction_type, clip_sample=True)
+
+
+def load_vae(path: str):
+    """A frozen autoencoder from a folder: an hfx ``HfxVAEModel`` or a diffusers ``AutoencoderKL``."""
+    import json
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"task_options.latent_vae {path!r} is not a saved VAE folder (no config.json)")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("_class_name") == "AutoencoderKL":
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(folder)
+    elif config.get("model_type") == "hfx_vae":
+        from hfx.models.vae import HfxVAEModel
+
+        vae = HfxVAEModel.from_pretrained(folder)
+    else:
+        raise ValueError(f"task_options.latent_vae {path!r} holds neither an hfx_vae model nor an AutoencoderKL")
+    if getattr(vae.config, "num_classes", None) is not None:
+        raise ValueError(f"task_options.latent_vae {path!r} is a conditional VAE; latent diffusion needs an "
+                         "unconditional one (the UNet carries the class)")
+    return vae.eval().requires_grad_(False)
+
+
+class LatentPosteriors(torch.utils.data.Dataset):
+    """Images encoded once: each item is the posterior ``latent_mean``, ``latent_std`` (C, h, w) and label."""
+
+    def __init__(self, vae, images, batch_size: int = 256):
+        means, stds, labels = [], [], []
+        loader = torch.utils.data.DataLoader(images, batch_size=batch_size)
+        with torch.no_grad():
+            for batch in loader:
+                dist = vae.encode(batch["pixel_values"]).latent_dist
+                means.append(dist.mean)
+                stds.append(dist.std)
+                labels.append(batch["labels"])
+        self.means, self.stds, self.labels = torch.cat(means), torch.cat(stds), torch.cat(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"latent_mean": self.means[index], "latent_std": self.stds[index], "labels": self.labels[index]}
 
 
 def noised(scheduler, x0: torch.Tensor, generator: torch.Generator | None = None
@@ -129,6 +182,15 @@ class DiffusionTask(Task):
             raise ValueError(f"task_options.label_dropout must be in [0, 1), got {opts.label_dropout}")
         data, self.info = build_image_data(self, image_column=opts.image_column, label_column=opts.label_column,
                                            image_size=opts.image_size)
+        self.vae = None
+        if opts.latent_vae:
+            self.vae = load_vae(opts.latent_vae)
+            size = getattr(self.vae.config, "image_size", None) or getattr(self.vae.config, "sample_size", None)
+            if size != self.info.size or self.vae.config.in_channels != self.info.channels:
+                raise ValueError(f"task_options.latent_vae was trained on {self.vae.config.in_channels}x{size}x{size} "
+                                 f"images, the data are {self.info.channels}x{self.info.size}x{self.info.size}")
+            data.train = LatentPosteriors(self.vae, data.train)
+            data.eval = LatentPosteriors(self.vae, data.eval) if data.eval is not None else None
         return data
 
     def build_models(self) -> dict[str, torch.nn.Module]:
@@ -136,8 +198,12 @@ class DiffusionTask(Task):
 
         opts, info = self.options, self.info
         self.scheduler = noise_scheduler(opts)
-        config = {**DEFAULT_UNET, **opts.unet, "sample_size": info.size, "in_channels": info.channels,
-                  "out_channels": info.channels, "num_class_embeds": len(info.label_names) + 1}
+        side, channels = info.size, info.channels
+        if self.vae is not None:
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            side, channels = info.size // factor, self.vae.config.latent_channels
+        config = {**DEFAULT_UNET, **opts.unet, "sample_size": side, "in_channels": channels,
+                  "out_channels": channels, "num_class_embeds": len(info.label_names) + 1}
         try:
             unet = UNet2DModel(**config)
         except (TypeError, ValueError) as err:
@@ -153,8 +219,17 @@ class DiffusionTask(Task):
             return self.scheduler.get_velocity(x0, noise, t)
         return noise
 
+    def clean_sample(self, batch, sample_posterior: bool = True) -> torch.Tensor:
+        """``x_0`` of a batch: the pixels, or (latent diffusion) a posterior draw times ``scaling_factor``."""
+        if self.vae is None:
+            return batch["pixel_values"]
+        z = batch["latent_mean"]
+        if sample_posterior:
+            z = z + batch["latent_std"] * torch.randn_like(z)
+        return z * self.vae.config.scaling_factor
+
     def loss(self, models, batch, phase):
-        x0, labels = batch["pixel_values"], batch["labels"]
+        x0, labels = self.clean_sample(batch), batch["labels"]
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(x0.device)
         x_t, t, noise = noised(self.scheduler, x0)
         drop = torch.rand(labels.shape, device=labels.device) < self.options.label_dropout
@@ -168,7 +243,7 @@ class DiffusionTask(Task):
         total = {"loss": 0.0, "loss_uncond": 0.0}
         count = 0
         for index, batch in enumerate(loader):
-            x0, labels = batch["pixel_values"], batch["labels"]
+            x0, labels = self.clean_sample(batch, sample_posterior=False), batch["labels"]
             generator = torch.Generator(x0.device).manual_seed(10_000 + index + 1_000 * self.accelerator.process_index)
             x_t, t, noise = noised(self.scheduler, x0, generator)
             target = self._target(x0, noise, t).float()
@@ -185,14 +260,17 @@ class DiffusionTask(Task):
         return metrics
 
     def pipeline(self, unet):
-        """The ClassConditionalPipeline around ``unet``, sampling with DDIM on the training noise schedule."""
+        """The pipeline around ``unet`` (a LatentDiffusionPipeline with the VAE for latent diffusion), sampling
+        with DDIM on the training noise schedule."""
         from diffusers import DDIMScheduler
 
-        from hfx.pipelines import ClassConditionalPipeline
+        from hfx.pipelines import ClassConditionalPipeline, LatentDiffusionPipeline
 
-        return ClassConditionalPipeline(unet=unet, scheduler=DDIMScheduler.from_config(self.scheduler.config),
-                                        class_names=self.info.label_names,
-                                        default_guidance_scale=self.options.default_guidance_scale)
+        common = dict(unet=unet, scheduler=DDIMScheduler.from_config(self.scheduler.config),
+                      class_names=self.info.label_names, default_guidance_scale=self.options.default_guidance_scale)
+        if self.vae is not None:
+            return LatentDiffusionPipeline(vae=self.vae.to(unet.device), **common)
+        return ClassConditionalPipeline(**common)
 
     def _write_grid(self, unet) -> None:
         from hfx.pipelines import class_grid
@@ -226,15 +304,17 @@ class DiffusionTask(Task):
 
     def card(self, metrics: dict[str, float]) -> dict[str, Any]:
         names = self.info.label_names
+        cls = "LatentDiffusionPipeline" if self.vae is not None else "ClassConditionalPipeline"
         snippet = ("import hfx, torch\n"
-                   "from hfx.pipelines import ClassConditionalPipeline\n"
-                   "pipe = ClassConditionalPipeline.from_pretrained(\"PATH/TO/final\")\n"
+                   f"from hfx.pipelines import {cls}\n"
+                   f"pipe = {cls}.from_pretrained(\"PATH/TO/final\")\n"
                    f"images = pipe([{names[0]!r}, {names[-1]!r}], guidance_scale={self.options.default_guidance_scale}, "
                    "num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images")
-        summary = (f"A class-conditional DDPM ({self.options.prediction_type} prediction, {self.options.beta_schedule} "
+        space = "latent" if self.vae is not None else "pixel-space"
+        summary = (f"A class-conditional {space} DDPM ({self.options.prediction_type} prediction, {self.options.beta_schedule} "
                    f"noise schedule, label dropout {self.options.label_dropout}) on {self.info.size}x{self.info.size} "
                    f"images of {len(names)} classes, sampled with classifier-free guidance by hfx's "
-                   "ClassConditionalPipeline (default guidance scale "
+                   f"{cls} (default guidance scale "
                    f"{self.options.default_guidance_scale}).")
         return {"load_snippet": snippet, "model_summary": summary, "library_name": "hfx"}
 

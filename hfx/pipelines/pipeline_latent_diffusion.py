@@ -1,0 +1,65 @@
+"""Class-conditional latent diffusion (Rombach et al. 2022): diffuse in an autoencoder's latent space.
+
+The sampling loop, classifier-free and classifier guidance, guidance rescale and dynamic thresholding are
+:class:`~hfx.pipelines.ClassConditionalPipeline`'s, unchanged: the UNet simply works on latents
+(``unet.config.in_channels`` = the VAE's latent channels, ``sample_size`` = the latent side). At the end the
+latents are divided by the VAE's ``scaling_factor`` (the factor that gave the diffusion model
+unit-variance inputs in training) and decoded to images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import SchedulerMixin, UNet2DModel
+
+from hfx.models.noisy_classifier import NoisyClassifier
+from hfx.pipelines.pipeline_class_conditional import ClassConditionalPipeline
+
+
+class LatentDiffusionPipeline(ClassConditionalPipeline):
+    r"""Pipeline for class-conditional generation in the latent space of a VAE.
+
+    Components:
+        vae: an unconditional :class:`~hfx.models.vae.HfxVAEModel` or a diffusers ``AutoencoderKL``; its
+            ``config.scaling_factor`` maps latents to the diffusion model's scale (``z * scaling_factor``).
+        unet, scheduler, classifier: as in :class:`ClassConditionalPipeline`, on latents.
+
+    Call it exactly like :class:`ClassConditionalPipeline`; ``latents`` (the starting noise), when given,
+    have the latent shape.
+    """
+
+    model_cpu_offload_seq = "unet->vae"
+
+    def __init__(
+        self,
+        vae,
+        unet: UNet2DModel,
+        scheduler: SchedulerMixin,
+        classifier: NoisyClassifier | None = None,
+        class_names: Sequence[str] | None = None,
+        default_guidance_scale: float = 2.0,
+    ):
+        super().__init__(unet=unet, scheduler=scheduler, classifier=classifier, class_names=class_names,
+                         default_guidance_scale=default_guidance_scale)
+        if getattr(vae.config, "num_classes", None) is not None:
+            raise ValueError("the vae of a LatentDiffusionPipeline must be unconditional (its config.num_classes "
+                             f"is {vae.config.num_classes}); the UNet carries the class condition")
+        latent_channels = getattr(vae.config, "latent_channels", None)
+        if latent_channels != unet.config.in_channels:
+            raise ValueError(f"the unet takes {unet.config.in_channels} channels but the vae's latents have "
+                             f"{latent_channels}: train the unet on this vae's latents")
+        self.register_modules(vae=vae)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """How many pixels one latent position covers along each side."""
+        blocks = getattr(self.vae.config, "block_out_channels", [0])
+        return 2 ** (len(blocks) - 1)
+
+    def decode_latents(self, sample: torch.Tensor) -> torch.Tensor:
+        """Latents at the diffusion scale -> images in [-1, 1] through the VAE's decoder."""
+        latents = sample / self.vae.config.scaling_factor
+        decoded = self.vae.decode(latents.to(self.vae.dtype))
+        return decoded.sample if hasattr(decoded, "sample") else decoded
