@@ -142,6 +142,11 @@ def test_jagged_schedule_matches_the_reference_values():
     progress = (4000 - 500) / 19_500
     assert jagged_cosine_multiplier(4000, **kwargs) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
     assert jagged_cosine_multiplier(10_099, **kwargs) == pytest.approx(jagged_cosine_multiplier(10_100, **kwargs), abs=0.01)
+    # with a full-rank warm start of 1,000 steps: a ramp at the switch, then restarts every 5,000 steps after it
+    warm = dict(kwargs, first_restart_offset=1000)
+    assert jagged_cosine_multiplier(1000, **warm) == 0.0 and jagged_cosine_multiplier(6000, **warm) == 0.0
+    assert jagged_cosine_multiplier(5000, **warm) > 0.5
+    assert [s for s in range(20_000) if is_restart_step(s, relora_steps=5000, first_restart_offset=1000)] == [6000, 11_000, 16_000]
 
 
 def test_lambda_lr_factory_puts_the_lr_at_zero_on_restart_steps():

@@ -49,9 +49,10 @@ def jagged_cosine_multiplier(
     if step < warmup_steps:
         return step / max(1, warmup_steps)
     since = step - first_restart_offset
-    restarted = since >= relora_steps or (first_restart_offset > 0 and since >= 0)
-    into_cycle = since % relora_steps if since >= 0 else None
-    if restarted and into_cycle is not None and into_cycle < restart_warmup_steps:
+    # Ramps follow every restart, and also the switch from full-rank to ReLoRA when there is a warm start.
+    after_a_restart = since >= relora_steps or (first_restart_offset > 0 and since >= 0)
+    into_cycle = since % relora_steps
+    if after_a_restart and into_cycle < restart_warmup_steps:
         ramp_end = step - into_cycle + restart_warmup_steps
         envelope = _cosine_envelope(ramp_end, num_training_steps, warmup_steps, min_lr_ratio)
         return into_cycle / max(1, restart_warmup_steps) * envelope
