@@ -409,7 +409,8 @@ def test_fresh_process_reproduces_trained_models_and_export_loads_without_hfx(ru
             print(name + "-merged", (logits(merged) - expected[name]).abs().max().item())
         """
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(hfx.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo_root, os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     diffs = dict(line.split() for line in result.stdout.strip().splitlines())
