@@ -223,8 +223,9 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
                         help="a folder of images, a .npz written by --save-reference (or pytorch-fid mu/sigma: "
                              "FID only), or a dataset hfx.data.load knows, optionally with a split: digits:test")
     parser.add_argument("--extractor", required=True, metavar="SPEC",
-                        help="inception:<weights.pth>, timm:<model>[:<weights>], open_clip:<model>[:<weights>], "
-                             "open_clip:local-dir:<folder>, hf:<save_pretrained folder>; 'random' for random weights")
+                        help="inception:<weights.pth>, timm:<model>[:<weights>], timm:local-dir:<folder>, "
+                             "open_clip:<model>[:<weights>], open_clip:local-dir:<folder>, hf:<save_pretrained "
+                             "folder>; 'random' for random weights")
     parser.add_argument("--image-column", default="image", help="image column of a dataset reference (default image)")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many images per side")
     parser.add_argument("--batch-size", type=int, default=64, help="images per extractor batch (default 64)")

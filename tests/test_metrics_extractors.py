@@ -113,6 +113,29 @@ def test_timm_extractor_reloads_weights_and_gives_logits(tmp_path):
         TimmFeatureExtractor("no_such_net")
 
 
+def test_timm_local_dir_classifier_uses_its_recorded_preprocessing(tmp_path):
+    """A classifier saved as hfx's image-classification task saves timm models: timm's Hub layout plus
+    hfx_preprocessing.json (16x16 grey digits, mean = std = 0.5)."""
+    import timm
+    from timm.models._hub import save_config_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", in_chans=1, num_classes=10).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    save_config_for_hf(model, str(tmp_path / "config.json"), model_args={"in_chans": 1, "num_classes": 10})
+    (tmp_path / "hfx_preprocessing.json").write_text(json.dumps({"image_size": 16, "mode": "L", "mean": 0.5,
+                                                                 "std": 0.5}))
+    extractor = load_extractor(f"timm:local-dir:{tmp_path}")
+    digits = random_images(4, size=16, channels=1)
+    got = extractor(digits)
+    with torch.no_grad():
+        pre_logits = model.forward_head(model.forward_features((digits.float() / 255 - 0.5) / 0.5), pre_logits=True)
+    torch.testing.assert_close(got["features"], pre_logits)
+    torch.testing.assert_close(got["logits"], model.get_classifier()(pre_logits))
+    assert extractor.describe()["weights"] == file_fingerprint(tmp_path / "model.safetensors")
+    assert extractor.describe()["resize"] == "bilinear-antialias to 16x16"
+
+
 # ------------------------------------------------------------------------------------------ modules
 def test_module_extractor_for_plain_module_and_pretrained_model(tmp_path):
     import transformers

@@ -3,8 +3,21 @@
 Layers, bottom up: :mod:`~hfx.metrics.functional` and :mod:`~hfx.metrics.divergences` (pure float64 math
 on features), :mod:`~hfx.metrics.statistics` (streaming, mergeable moments), :mod:`~hfx.metrics.extractors`
 (images -> features), :mod:`~hfx.metrics.lpips` and :mod:`~hfx.metrics.clip_score` (image-pair and
-image-text scores), and :mod:`~hfx.metrics.modules` (the same as ``evaluate`` modules; load them with
-``evaluate.load(hfx.metrics.module_path("fid"))``).
+image-text scores), :mod:`~hfx.metrics.modules` (the same as ``evaluate`` modules; load them with
+``evaluate.load(hfx.metrics.module_path("fid"))``) and :mod:`~hfx.metrics.scoring` (images -> full report,
+what ``hfx evaluate`` prints).
+
+Example::
+
+    from hfx.metrics import FeatureStatistics, frechet_distance
+    from hfx.metrics.extractors import InceptionFeatureExtractor
+
+    inception = InceptionFeatureExtractor("pt_inception-2015-12-05-6726825d.pth")  # a local file
+    generated = FeatureStatistics(2048)
+    for images in loader:                       # uint8 [B, C, H, W], or floats in [0, 1]
+        generated.update(inception(images)["features"])
+    fid = frechet_distance(generated, FeatureStatistics.load("cifar10-train.npz"))
+    print(fid, generated.n, inception.describe())   # FID means little without N and the extractor
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ score carries that record. No weights are ever downloaded: pretrained weights co
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -192,10 +193,15 @@ class TimmFeatureExtractor(FeatureExtractor):
     """A timm model: pre-logits features and, when it has a classifier, its logits.
 
     Args:
-        model_name: a timm architecture name (``"resnet50"``, ``"vit_small_patch16_224"``, ...).
+        model_name: a timm architecture name (``"resnet50"``, ``"vit_small_patch16_224"``, ...), or
+            ``"local-dir:<folder>"``: a model saved in timm's Hub layout (``config.json`` +
+            ``model.safetensors``, as hfx's image-classification task saves it), weights included.
         weights: local weights file (``.safetensors`` or torch checkpoint) or ``None`` for random weights.
         resize_mode: default: the model's own interpolation at its input size (timm's data config).
         model_kwargs: passed to ``timm.create_model`` (e.g. ``num_classes``, ``in_chans``, ``img_size``).
+
+    Preprocessing follows timm's data config, overridden by an ``hfx_preprocessing.json`` in a local-dir
+    folder (the image size, mode and mean/std the model was trained with).
     """
 
     def __init__(self, model_name: str, weights: str | os.PathLike | None = None, resize_mode: str | None = None,
@@ -203,27 +209,39 @@ class TimmFeatureExtractor(FeatureExtractor):
         import timm
         from timm.data import resolve_data_config
 
-        state = load_state_dict(weights) if weights is not None else None
-        if state is not None and "num_classes" not in model_kwargs:
-            classifier = timm.models.get_pretrained_cfg_value(model_name, "classifier") or ""
-            head = state.get(f"{classifier}.weight")
-            model_kwargs["num_classes"] = head.shape[0] if head is not None else 0
-        try:
-            model = timm.create_model(model_name, pretrained=False, **model_kwargs)
-        except RuntimeError as err:  # timm's "Unknown model (...)"
-            raise ValueError(f"timm cannot build {model_name!r}: {err}") from None
+        folder = Path(model_name.removeprefix("local-dir:")) if model_name.startswith("local-dir:") else None
+        if folder is not None:
+            weights_files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+            if not (folder / "config.json").is_file() or not weights_files:
+                raise FileNotFoundError(f"{folder} is not a timm model folder (config.json + model.safetensors)")
+            weights, state = weights_files[0], None
+            model = timm.create_model(model_name, pretrained=True, **model_kwargs)
+        else:
+            state = load_state_dict(weights) if weights is not None else None
+            if state is not None and "num_classes" not in model_kwargs:
+                classifier = timm.models.get_pretrained_cfg_value(model_name, "classifier") or ""
+                head = state.get(f"{classifier}.weight")
+                model_kwargs["num_classes"] = head.shape[0] if head is not None else 0
+            try:
+                model = timm.create_model(model_name, pretrained=False, **model_kwargs)
+            except RuntimeError as err:  # timm's "Unknown model (...)"
+                raise ValueError(f"timm cannot build {model_name!r}: {err}") from None
         if state is not None:
             model.load_state_dict(state)
         config = resolve_data_config({}, model=model)
+        preprocessing = {"image_size": tuple(config["input_size"][1:]), "channels": config["input_size"][0],
+                         "mean": config["mean"], "std": config["std"],
+                         "resize_mode": _resize_mode_for(config.get("interpolation", "bicubic"))}
+        if folder is not None:
+            preprocessing.update(hfx_preprocessing(folder))
         model.eval()
         with torch.no_grad():
-            probe = torch.zeros(1, *config["input_size"])
+            probe = torch.zeros(1, preprocessing["channels"], *preprocessing["image_size"])
             feature_dim = model.forward_head(model.forward_features(probe), pre_logits=True).shape[-1]
+        if resize_mode:
+            preprocessing["resize_mode"] = resize_mode
         super().__init__(name=f"timm:{model_name}", weights=file_fingerprint(weights) if weights else RANDOM_INIT,
-                         image_size=tuple(config["input_size"][1:]),
-                         resize_mode=resize_mode or _resize_mode_for(config.get("interpolation", "bicubic")),
-                         mean=config["mean"], std=config["std"], feature_dim=feature_dim,
-                         channels=config["input_size"][0])
+                         feature_dim=feature_dim, **preprocessing)
         self.model = model
 
     def embed(self, pixels):
@@ -231,6 +249,25 @@ class TimmFeatureExtractor(FeatureExtractor):
         classifier = self.model.get_classifier()
         has_classifier = isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Identity)
         return pre_logits, classifier(pre_logits) if has_classifier else None
+
+
+def hfx_preprocessing(folder: str | os.PathLike) -> dict[str, object]:
+    """The preprocessing recorded in ``<folder>/hfx_preprocessing.json`` (written by hfx's training tasks),
+    as :class:`FeatureExtractor` arguments; ``{}`` when the folder has none."""
+    path = Path(folder) / "hfx_preprocessing.json"
+    if not path.is_file():
+        return {}
+    recorded = json.loads(path.read_text())
+    channels = 1 if recorded.get("mode") == "L" else 3
+    out: dict[str, object] = {"channels": channels, "resize_mode": "bilinear-antialias"}
+    if "image_size" in recorded:
+        size = recorded["image_size"]
+        out["image_size"] = (size, size) if isinstance(size, int) else tuple(size)
+    for key in ("mean", "std"):
+        if key in recorded:
+            value = recorded[key]
+            out[key] = list(value) if isinstance(value, (list, tuple)) else [float(value)] * channels
+    return out
 
 
 def _resize_mode_for(interpolation: str) -> str:
@@ -323,7 +360,8 @@ class ModuleFeatureExtractor(FeatureExtractor):
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> ModuleFeatureExtractor:
         """A transformers model saved with ``save_pretrained`` (an image classifier if the folder holds one).
 
-        Image size and channels come from the config (``image_size``, ``num_channels``) unless given.
+        Preprocessing comes from the folder's ``hfx_preprocessing.json`` (hfx's training tasks write it), else
+        image size and channels from the config (``image_size``, ``num_channels``), unless given.
         Import the package that registers a custom architecture (``import hfx``) before calling this.
         """
         import transformers
@@ -337,6 +375,8 @@ class ModuleFeatureExtractor(FeatureExtractor):
             model = transformers.AutoModel.from_pretrained(folder)
         config = model.config
         weights_files = sorted(folder.glob("*.safetensors"))
+        for key, value in hfx_preprocessing(folder).items():
+            kwargs.setdefault(key, value)
         kwargs.setdefault("image_size", getattr(config, "image_size", None) or 224)
         kwargs.setdefault("channels", getattr(config, "num_channels", 3))
         kwargs.setdefault("name", f"{type(model).__name__}:{folder.name}")
@@ -372,7 +412,7 @@ def load_extractor(spec: str, device: str | torch.device = "cpu") -> FeatureExtr
     """Build an extractor from a spec string:
 
     - ``inception:<weights file>`` (``inception:random`` for a random network, with a warning),
-    - ``timm:<model name>[:<weights file>]``,
+    - ``timm:<model name>[:<weights file>]`` or ``timm:local-dir:<folder>``,
     - ``open_clip:<model name>[:<weights file>]`` or ``open_clip:local-dir:<folder>``,
     - ``hf:<folder saved with save_pretrained>``.
 
@@ -384,6 +424,8 @@ def load_extractor(spec: str, device: str | torch.device = "cpu") -> FeatureExtr
                          "timm:resnet50:/path/weights.safetensors, open_clip:ViT-B-32:/path/weights.bin, hf:/path")
     if kind == "inception":
         extractor = InceptionFeatureExtractor(None if rest == "random" else rest)
+    elif kind == "timm" and rest.startswith("local-dir:"):
+        extractor = TimmFeatureExtractor(rest)
     elif kind == "timm":
         name, _, weights = rest.partition(":")
         extractor = TimmFeatureExtractor(name, None if weights in ("", "random") else weights)
