@@ -314,12 +314,15 @@ def test_remote_code_export_loads_where_hfx_cannot_be_imported(hub, tmp_path, ca
         export_remote_code(run)
 
     model_repo, pipeline_repo = hub.new_repo_id("vae-rc"), hub.new_repo_id("pipe-rc")
+    named_repo = hub.new_repo_id("pipe-named-rc")
     push(run, model_repo, remote_code=True)
     push(tmp_path / "pipe-unnamed", pipeline_repo, remote_code=True)
+    push(tmp_path / "pipe", named_repo, remote_code=True)
     assert "modeling_vae.py" in uploaded(hub, model_repo)
     assert {"pipeline_class_conditional.py", "classifier/modeling_noisy_classifier.py"} <= uploaded(hub, pipeline_repo)
-    snippets = [snippet_of(hub.files(repo)["README.md"].decode()) for repo in (model_repo, pipeline_repo)]
+    snippets = [snippet_of(hub.files(repo)["README.md"].decode()) for repo in (model_repo, pipeline_repo, named_repo)]
     assert all("trust_remote_code=True" in s and "import hfx" not in s for s in snippets)
+    assert "snapshot_download" in snippets[2] and "snapshot_download" not in snippets[1]
 
     spec = json.dumps({"expected": str(tmp_path / "expected.safetensors"), "model_dir": str(model_dir),
                        "model_repo": model_repo, "pipeline_dir": str(pipeline_dir), "pipeline_repo": pipeline_repo,

@@ -63,6 +63,8 @@ class HubCallback(Callback):
 def _command_line() -> str:
     """The command that started this process, as a user would type it (``hfx train ...``)."""
     argv = list(sys.argv)
-    if argv and argv[0].endswith(("hfx", "__main__.py", "-m")):
-        argv[0] = "hfx"
-    return shlex.join(argv) if argv else "not recorded"
+    if not argv:
+        return "not recorded"
+    if argv[0].endswith(("hfx", "__main__.py")):
+        return shlex.join(["hfx", *argv[1:]])
+    return shlex.join(["python", *argv])

@@ -253,7 +253,11 @@ def load_snippet(output: Output, ref: str, remote_code: bool = False) -> str:
     config = output.config
     if output.kind == "pipeline":
         name = config["_class_name"]
-        if remote_code:
+        if remote_code and list_settings(config) and not os.path.isdir(ref):
+            # diffusers' Hub loader reads list-valued settings as components: load a downloaded copy.
+            lines = ["from diffusers import DiffusionPipeline", "from huggingface_hub import snapshot_download", "",
+                     f'pipe = DiffusionPipeline.from_pretrained(snapshot_download("{ref}"), trust_remote_code=True)']
+        elif remote_code:
             lines = ["from diffusers import DiffusionPipeline", "",
                      f'pipe = DiffusionPipeline.from_pretrained("{ref}", trust_remote_code=True)']
         else:
@@ -288,6 +292,13 @@ def load_snippet(output: Output, ref: str, remote_code: bool = False) -> str:
         labels = ", labels=[0, 1, 2, 3]" if config.get("num_classes") else ""
         lines.append(f"images = model.sample(4{labels})  # (4, channels, height, width) in [-1, 1]")
     return "\n".join(lines)
+
+
+def list_settings(model_index: dict) -> list[str]:
+    """Settings of a ``model_index.json`` whose values are lists but not ``[library, class]`` components.
+    diffusers' Hub loader takes every list for a component and fails on these (a local folder loads)."""
+    return [key for key, value in model_index.items() if not key.startswith("_") and isinstance(value, list)
+            and not (len(value) == 2 and all(part is None or isinstance(part, str) for part in value))]
 
 
 def is_timm(config: dict) -> bool:

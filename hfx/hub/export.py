@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 
 from hfx.hub.artifact import artifact_files, resolve_output
-from hfx.hub.cards import FACTS_FILE, MARKER, render_card
+from hfx.hub.cards import FACTS_FILE, MARKER, list_settings, render_card
 
 logger = logging.getLogger(__name__)
 
@@ -178,20 +178,16 @@ def _export_pipeline(folder: Path) -> None:
             raise ValueError(f"{source} uses relative imports: diffusers downloads component code as single files")
         shutil.copy2(source, folder / name / source.name)
         index[name] = [source.stem, cls_name]
-    lists = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and not _is_component(v)]
+    lists = list_settings(index)
     if lists:
-        # diffusers' Hub download takes every list in model_index.json for a [library, class] component.
         logger.warning("%s: the list-valued setting(s) %s make DiffusionPipeline.from_pretrained(<repo id>, "
                        "trust_remote_code=True) fail on the Hub side (diffusers reads lists as components); loading "
-                       "a local folder (or a snapshot_download of the repo) works", index_path, ", ".join(lists))
+                       "a local folder (or a snapshot_download of the repo, as the card shows) works",
+                       index_path, ", ".join(lists))
     source = Path(inspect.getfile(pipeline_class))
     (folder / source.name).write_text(_without_hfx_imports(source), encoding="utf-8")
     index["_class_name"] = [source.stem, class_name]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def _is_component(value: list) -> bool:
-    return len(value) == 2 and all(part is None or isinstance(part, str) for part in value)
 
 
 def _without_hfx_imports(source: Path) -> str:
