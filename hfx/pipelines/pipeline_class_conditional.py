@@ -59,6 +59,16 @@ class ClassConditionalPipeline(DiffusionPipeline):
         default_guidance_scale: the guidance scale used when ``__call__`` gets none.
 
     ``from_pretrained`` accepts a local folder or a Hub repo id.
+
+    Example::
+
+        >>> import torch
+        >>> from diffusers import DDIMScheduler
+        >>> from hfx.pipelines import ClassConditionalPipeline
+        >>> pipe = ClassConditionalPipeline.from_pretrained("demo/pipeline")
+        >>> pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        >>> images = pipe(["3", "7"], guidance_scale=2.0, num_inference_steps=50,
+        ...               generator=torch.Generator().manual_seed(0)).images  # two PIL images
     """
 
     model_cpu_offload_seq = "unet->classifier"
