@@ -40,7 +40,12 @@ def test_overrides_are_typed_by_the_dataclass_fields():
     assert config.optimizer.betas == (0.8, 0.9)
     assert config.train.max_steps == 20 and config.train.max_grad_norm is None
     assert config.log.report_to == [] and config.task_options.random_shift == 2
-    assert parse_overrides(["a.b.c=1", "a.b.d=x"]) == {"a": {"b": {"c": 1, "d": "x"}}}
+    assert parse_overrides(["a.b.c=1", "a.b.d=x"]) == [(["a", "b", "c"], 1), (["a", "b", "d"], "x")]
+    # one key keeps its siblings; a whole mapping replaces them
+    kept = load_config("classify-digits", ["task_options.model_options.stem_width=8"]).task_options.model_options
+    assert kept == {"channels": [32, 64, 128, 256], "stem_width": 8}
+    replaced = load_config("classify-digits", ["task_options.model_options={depth: 1}"]).task_options.model_options
+    assert replaced == {"depth": 1}
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -61,6 +66,7 @@ def test_overrides_are_typed_by_the_dataclass_fields():
     (["optimizers.main.lrr=1"], "unknown config key 'optimizers.main.lrr'; did you mean 'optimizers.main.lr'?"),
     (["callbacks=[{name: nope}]"], "unknown callback 'nope'"),
     (["train.max_steps"], "override 'train.max_steps' is not of the form key.sub=value"),
+    (["train.max_steps.x=1"], "override 'train.max_steps.x': 'train.max_steps' is a value, not a section"),
 ])
 def test_bad_config_names_the_problem(overrides, message):
     with pytest.raises(ConfigError) as err:

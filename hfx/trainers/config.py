@@ -272,10 +272,11 @@ def _wrong(key: str, tp: Any, value: Any) -> str:
     return f"config key {key!r} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ``["train.max_steps=20", "optimizer.lr=1e-3"]`` into a nested mapping; each value is read as
-    YAML (``20`` is an int, ``[a, b]`` a list, ``null`` None), then typed by the dataclass field."""
-    nested: dict[str, Any] = {}
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """Split ``["train.max_steps=20", "optimizer.lr=1e-3"]`` into (key path, value) pairs; each value is
+    read as YAML (``20`` is an int, ``[a, b]`` a list, ``{k: v}`` a mapping, ``null`` None), then typed by
+    the dataclass field when the config is built."""
+    parsed = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -285,14 +286,27 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} sets a sub-key of {part!r}, which another override set to a value")
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of ``raw`` with each override set in turn: ``a.b=1`` sets one key and keeps its siblings;
+    ``a={...}`` replaces the whole mapping."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for parts, value in parse_overrides(overrides):
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {'.'.join(parts)!r}: {'.'.join(parts[:i + 1])!r} is a value, not a section")
+            node = child
         node[parts[-1]] = value
-    return nested
+    return out
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -333,7 +347,7 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
             raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, got {type(raw).__name__}")
-    raw = merge(raw, parse_overrides(overrides or []))
+    raw = apply_overrides(raw, overrides or [])
     if raw.get("recipe") is None:
         raw["recipe"] = recipe
     config = from_dict(TrainConfig, raw)

@@ -153,14 +153,18 @@ class Trainer:
             loss, extra = out if isinstance(out, tuple) else (out, {})
             self.accelerator.backward(loss)
         window = self._window.setdefault(phase, {})
-        for key, value in {"loss": loss, **extra}.items():
+        loss = loss.detach().float()  # no copy for a float32 loss; bf16 sums would lose precision
+        window["loss"] = window["loss"] + loss if "loss" in window else loss
+        for key, value in extra.items():
             value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
-            window[key] = window.get(key, 0.0) + value / self.accumulation
+            window[key] = window[key] + value if key in window else value
 
     def _optimizer_step(self, phase: str) -> None:
         """The NaN guard, clipping, the step and the schedule of one optimizer, once per window."""
         cfg, acc = self.config.train, self.accelerator
         optimizer, window = self.optimizers[phase], self._window.pop(phase)
+        if self.accumulation > 1:  # the window holds sums over its micro-batches: log their means
+            window = {key: value / self.accumulation for key, value in window.items()}
         if not self._all_finite(window["loss"]):
             message = (f"loss of {phase!r} is {window['loss'].item()} at step {self.state.global_step + 1}; "
                        "lower optimizer.lr, enable train.max_grad_norm, or set train.nan_policy=skip")
@@ -178,7 +182,7 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         logged = self._log_window.setdefault(phase, {})
         for key, value in window.items():
-            logged[key] = logged.get(key, 0.0) + value.detach().float()
+            logged[key] = logged[key] + value if key in logged else value
         logged["_count"] = logged.get("_count", 0) + 1
 
     def _after_step(self) -> str | None:
@@ -195,7 +199,7 @@ class Trainer:
             self._log_train()
         stop = None
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < self.total_steps:
-            if self._evaluate() and step < self.total_steps:
+            if self._evaluate():
                 stop = "early_stopping"
         saved = False
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
@@ -359,10 +363,10 @@ class Trainer:
                 p.requires_grad_(True)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
+        if self.accelerator.num_processes == 1:
+            return bool(torch.isfinite(loss).item())
         bad = (~torch.isfinite(loss)).float().reshape(1).to(self.accelerator.device)
-        if self.accelerator.num_processes > 1:  # every process must take the same decision
-            bad = self.accelerator.reduce(bad, "sum")
-        return bad.item() == 0
+        return self.accelerator.reduce(bad, "sum").item() == 0  # every process must take the same decision
 
     # ================================================================================== log and eval
     def _log_train(self) -> None:
@@ -527,6 +531,7 @@ class Trainer:
     def _finish(self, stop_reason: str) -> TrainResult:
         acc, cfg = self.accelerator, self.config
         self._progress.close()
+        self.state.train_seconds += time.perf_counter() - self._tick[0]
         if stop_reason == "signal":
             acc.end_training()
             return TrainResult(self.output_dir, None, self.state.global_step, self.last_eval, "signal", self._signal)
