@@ -338,6 +338,11 @@ def test_export_refuses_adapters_and_names_the_problem(tmp_path):
         export_remote_code(tmp_path / "adapter")
     with pytest.raises(FileNotFoundError, match="neither a run folder"):
         export_remote_code(tmp_path)
+    (tmp_path / "timm").mkdir()
+    (tmp_path / "timm" / "config.json").write_text(json.dumps({"architecture": "vit_tiny", "pretrained_cfg": {}}))
+    with pytest.raises(ValueError, match="no model_type: not a transformers model"):
+        export_remote_code(tmp_path / "timm", tmp_path / "timm-export")
+    assert not (tmp_path / "timm-export").exists() and not (tmp_path / "timm-export.tmp").exists()
 
 
 # ------------------------------------------------------------------------------------------ cards

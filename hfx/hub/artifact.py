@@ -30,6 +30,16 @@ NOT_UPLOADED = (*TRAINING_STATE_PATTERNS, ".hfx-card.json", "README.md.tmp")
 
 KINDS = ("pipeline", "adapter", "model")
 
+# transformers Auto class by the suffix of a model class name; AutoModel for anything else.
+_AUTO_BY_SUFFIX = (("ForCausalLM", "AutoModelForCausalLM"), ("ForImageClassification", "AutoModelForImageClassification"),
+                   ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+                   ("ForMaskedLM", "AutoModelForMaskedLM"))
+
+
+def auto_class_name(model_class_name: str | None) -> str:
+    """The transformers Auto class that loads a model class (``LlamaForCausalLM`` -> ``AutoModelForCausalLM``)."""
+    return next((auto for suffix, auto in _AUTO_BY_SUFFIX if (model_class_name or "").endswith(suffix)), "AutoModel")
+
 
 @dataclasses.dataclass(frozen=True)
 class Output:

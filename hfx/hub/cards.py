@@ -29,7 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from hfx.hub.artifact import Output, resolve_output
+from hfx.hub.artifact import Output, auto_class_name, resolve_output
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ def load_snippet(output: Output, ref: str, remote_code: bool = False) -> str:
     if is_timm(config):
         source = f"hf-hub:{ref}" if not os.path.isdir(ref) else f"local-dir:{ref}"
         return "\n".join(["import timm", "", f'model = timm.create_model("{source}", pretrained=True).eval()'])
-    auto = _auto_class(config)
+    auto = auto_class_name((config.get("architectures") or [None])[0])
     if remote_code:
         lines = [f"from transformers import {auto}", "",
                  f'model = {auto}.from_pretrained("{ref}", trust_remote_code=True)']
@@ -304,16 +304,6 @@ def list_settings(model_index: dict) -> list[str]:
 def is_timm(config: dict) -> bool:
     """A timm model's config.json (``architecture`` + ``pretrained_cfg``) rather than a transformers one."""
     return "model_type" not in config and ("pretrained_cfg" in config or "architecture" in config)
-
-
-def _auto_class(config: dict) -> str:
-    architecture = (config.get("architectures") or [""])[0]
-    for suffix, auto in (("ForCausalLM", "AutoModelForCausalLM"), ("ForImageClassification", "AutoModelForImageClassification"),
-                         ("ForSequenceClassification", "AutoModelForSequenceClassification"),
-                         ("ForMaskedLM", "AutoModelForMaskedLM")):
-        if architecture.endswith(suffix):
-            return auto
-    return "AutoModel"
 
 
 def _pipeline_tag(output: Output) -> str | None:

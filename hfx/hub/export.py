@@ -24,15 +24,13 @@ import re
 import shutil
 from pathlib import Path
 
-from hfx.hub.artifact import artifact_files, resolve_output
+from hfx.hub.artifact import Output, artifact_files, auto_class_name, resolve_output
 from hfx.hub.cards import FACTS_FILE, MARKER, list_settings, render_card
 
 logger = logging.getLogger(__name__)
 
 _HFX_IMPORT = re.compile(r"^(?:from\s+(?P<module>hfx(?:\.[\w.]+)?)\s+import\s+(?P<names>\([^)]*\)|[^\n]+)|import\s+hfx\b[^\n]*)$",
                          re.MULTILINE)
-_AUTO_FOR_SUFFIX = (("ForCausalLM", "AutoModelForCausalLM"), ("ForImageClassification", "AutoModelForImageClassification"),
-                    ("ForSequenceClassification", "AutoModelForSequenceClassification"), ("ForMaskedLM", "AutoModelForMaskedLM"))
 
 
 def export_remote_code(output_dir: str | Path, out_dir: str | Path | None = None, *, overwrite: bool = False) -> Path:
@@ -67,6 +65,17 @@ def export_remote_code(output_dir: str | Path, out_dir: str | Path | None = None
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_export(output, output_dir, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.replace(out)
+    return out
+
+
+def _write_export(output: Output, output_dir: str | Path, tmp: Path) -> None:
+    """Copy the artifact into ``tmp``, ship its code, and write a card for loading it without hfx."""
     for relative in artifact_files(output.artifact_dir):
         if relative in (FACTS_FILE, "README.md") or relative.startswith("images/"):
             continue  # the card is rendered again below, for loading without hfx
@@ -83,8 +92,6 @@ def export_remote_code(output_dir: str | Path, out_dir: str | Path | None = None
         for relative in ["README.md", *(p for p in artifact_files(output.artifact_dir) if p.startswith("images/"))]:
             (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(output.artifact_dir / relative, tmp / relative)
-    tmp.replace(out)
-    return out
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -105,7 +112,7 @@ def _export_model(folder: Path) -> None:
         return
     architecture = (config.get("architectures") or [None])[0]
     model_class = _model_class(config_class, architecture)
-    auto_name = next((auto for suffix, auto in _AUTO_FOR_SUFFIX if model_class.__name__.endswith(suffix)), "AutoModel")
+    auto_name = auto_class_name(model_class.__name__)
     auto_map = dict(config.get("auto_map") or {})
     auto_map["AutoConfig"] = _ship_module(config_class, folder)
     auto_map[auto_name] = _ship_module(model_class, folder)
