@@ -395,6 +395,8 @@ def test_pipeline_card_samples_a_grid_and_loads(tmp_path):
 
 # ------------------------------------------------------------------------------------------ failures
 def test_push_errors_are_clear_and_never_show_the_token(hub, tmp_path, monkeypatch, caplog, capsys):
+    from huggingface_hub import constants
+
     caplog.set_level(logging.DEBUG)
     run = make_vae_run(tmp_path)
     bad_token = "hf_BadTokenThatMustNeverBeShown12345"
@@ -402,6 +404,11 @@ def test_push_errors_are_clear_and_never_show_the_token(hub, tmp_path, monkeypat
 
     with pytest.raises(HubAuthError, match="rejected the token") as bad:
         push(run, repo_id, token=bad_token)
+    with monkeypatch.context() as no_token:
+        no_token.delenv("HF_TOKEN")
+        no_token.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+        with pytest.raises(HubAuthError, match="needs a token .* none was found"):
+            push(run, repo_id)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         push(tmp_path / "missing", repo_id)
     with pytest.raises(ValueError, match="invalid repo id"):
@@ -411,10 +418,14 @@ def test_push_errors_are_clear_and_never_show_the_token(hub, tmp_path, monkeypat
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    from huggingface_hub import constants
 
+    with monkeypatch.context() as offline:
+        offline.setattr(constants, "HF_HUB_OFFLINE", True)
+        with pytest.raises(HubUnreachableError, match="offline mode is on"):
+            push(run, repo_id)
+    assert not constants.HF_HUB_OFFLINE  # below: unreachable for real, not refused by offline mode
     monkeypatch.setattr(constants, "ENDPOINT", closed)
-    with pytest.raises(HubUnreachableError, match=f"cannot reach the Hub at {closed}") as unreachable:
+    with pytest.raises(HubUnreachableError, match=f"cannot reach the Hub at {closed}.*ConnectError") as unreachable:
         push(run, repo_id, token=bad_token, max_retries=1)
     monkeypatch.setenv("HF_ENDPOINT", closed)
     before = capsys.readouterr()
@@ -461,8 +472,12 @@ def test_checkpoints_only_when_asked_and_cli_commands(hub, tmp_path, capsys):
     assert main(["card", str(run), "--hardware", "test machine"]) == 0
     assert "test machine" in (run / "final" / "README.md").read_text()
     assert capsys.readouterr().out.startswith("wrote ")
-    assert main(["push", str(run), "--repo-id", repo_id, "--include-checkpoints", "--commit-message", "with state"]) == 0
+    assert main(["push", str(run), "--repo-id", repo_id, "--include-checkpoints", "--commit-message", "with state",
+                 "--private"]) == 0
     assert capsys.readouterr().out.strip().startswith(f"{hub.url}/{repo_id}/commit/")
+    assert hub.repos[repo_id].private
+    with pytest.raises(Exception, match="Repository Not Found"):  # a private repo is invisible without a token
+        hf_hub_download(repo_id, "config.json", token=False)
     files = uploaded(hub, repo_id)
     assert {"checkpoint-10/optimizer.bin", "checkpoint-10/random_states_0.pkl"} <= files
     assert not [f for f in files if f.startswith("logs/")]

@@ -91,6 +91,8 @@ def push(
     if revision is not None and (not revision or revision != revision.strip() or ".." in revision):
         raise ValueError(f"invalid revision (branch name) {revision!r}")
     output = resolve_output(output_dir)
+    if constants.is_offline_mode():
+        raise HubUnreachableError("offline mode is on (HF_HUB_OFFLINE=1): pushing needs the Hub; unset HF_HUB_OFFLINE")
     secret = token or get_token()
     endpoint = constants.ENDPOINT
     with tempfile.TemporaryDirectory(prefix="hfx-push-") as tmp:
@@ -217,6 +219,9 @@ class _Caller:
     def _error(self, what: str, err, status: int | None) -> Exception:
         server_says = getattr(err, "server_message", None) or ""
         detail = f": {server_says.strip().splitlines()[0]}" if server_says.strip() else ""
+        if status == 401 and not self.secret:
+            return HubAuthError(f"the Hub at {self.endpoint} needs a token to {what} for {self.repo_id!r} and none was "
+                                "found: set HF_TOKEN or run `hf auth login` with a write token")
         if status == 401:
             return HubAuthError(self._scrub(
                 f"the Hub at {self.endpoint} rejected the token (HTTP 401) when trying to {what} for "
