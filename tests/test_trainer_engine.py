@@ -263,6 +263,16 @@ def test_early_stopping_and_plateau_schedule(tmp_path):
     assert [r["lr"] for r in records(tmp_path, "lr")] == pytest.approx([0.05] * 4 + [0.025] * 2)
 
 
+def test_epochs_set_the_length_and_fp16_on_cpu_says_it_runs_in_float32(tmp_path, caplog):
+    # 256 examples / batch 32 = 8 batches per epoch; 2.5 epochs with accumulation 2 -> 10 optimizer steps
+    with caplog.at_level("WARNING", logger="hfx"):
+        result = train(regression(tmp_path, "train.max_steps=null", "train.epochs=2.5",
+                                  "train.gradient_accumulation_steps=2", "train.mixed_precision=fp16"))
+    assert result.global_step == 10
+    assert [r["epoch"] for r in records(tmp_path)] == [0] * 4 + [1] * 4 + [2] * 2
+    assert any("fp16 mixed precision on cpu runs in float32" in r.message for r in caplog.records)
+
+
 # ---------------------------------------------------------------------------------------------- tasks
 def test_image_classification_timm_artifact_reloads(tmp_path):
     import timm

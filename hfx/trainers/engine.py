@@ -236,6 +236,9 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / "logs")),
         )
+        if acc.mixed_precision == "fp16" and acc.scaler is None:
+            logger.warning("fp16 mixed precision on %s runs in float32 (accelerate has no gradient scaler there); "
+                           "use train.mixed_precision=bf16 on the CPU", acc.device.type)
         task = self.task = get_task(cfg.task)(cfg, acc)
         resume_from = ckpt.resolve_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
         if acc.is_main_process:
