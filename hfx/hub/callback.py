@@ -26,7 +26,8 @@ class HubCallback(Callback):
         private: create the repo private.
         revision: branch to push to.
         **facts: card facts (see :data:`hfx.hub.cards.FACT_KEYS`) on top of what the run provides: the
-            task's summary, the Hub task type of its metrics, and the command line.
+            card facts the task's ``card(metrics)`` returns (for instance ``eval_num_samples`` and
+            ``eval_extractor`` of a sample-based metric), the Hub task type of its metrics, and the command.
     """
 
     def __init__(self, push_to_hub: str | None = None, private: bool = False, revision: str | None = None,
@@ -43,15 +44,20 @@ class HubCallback(Callback):
     def on_train_end(self, trainer) -> None:
         if not trainer.accelerator.is_main_process:
             return
-        from hfx.hub.cards import render_card
+        from hfx.hub.cards import FACT_KEYS, render_card
         from hfx.hub.publish import push
 
-        extra = trainer.task.card(dict(trainer.last_eval)) or {}
         facts = {"method": trainer.config.task, "command": _command_line()}
-        if extra.get("model_summary"):
-            facts["summary"] = extra["model_summary"]
         if trainer.task.hub_task_type:
             facts["task_type"] = trainer.task.hub_task_type
+        # What the task says about its artifact: card facts by name (``model_summary`` is the summary); a
+        # load snippet only when written for any location (REPO_OR_PATH), else the generated one is better.
+        extra = dict(trainer.task.card(dict(trainer.last_eval)) or {})
+        if "model_summary" in extra:
+            extra.setdefault("summary", extra.pop("model_summary"))
+        if "REPO_OR_PATH" not in str(extra.get("load_snippet", "REPO_OR_PATH")):
+            extra.pop("load_snippet")
+        facts.update({key: value for key, value in extra.items() if key in FACT_KEYS})
         facts.update(self.facts)
         self.card_path = render_card(trainer.output_dir, **facts)
         logger.info("wrote the model card %s", self.card_path)
