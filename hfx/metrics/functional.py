@@ -116,7 +116,7 @@ def kernel_inception_distance(features_a, features_b, subsets: int = 100, subset
     """KID (Bińkowski et al. 2018): unbiased MMD^2 with the kernel ``(x.y / D + 1)^3``, over random subsets.
 
     Each of ``subsets`` rounds draws ``subset_size`` rows of each side without replacement (numpy
-    ``RandomState(seed)``, the draws torch-fidelity makes) and computes :func:`mmd2_unbiased`. KID has no
+    ``RandomState(seed)``, reproducible) and computes :func:`mmd2_unbiased`. KID has no
     sample-size bias: its expectation is 0 when both sides come from one distribution.
 
     Returns:
