@@ -296,3 +296,34 @@ def test_lpips_timm_trunk_runs_and_warns_about_random_weights():
     distances = metric(a, b)
     assert distances.shape == (2,) and (distances > 0).all() and metric(a, a).abs().max() == 0
     assert metric.describe()["trunk_weights"] == RANDOM_INIT
+
+
+def test_fid_inception_equals_pytorch_fid_bit_for_bit(tmp_path):
+    """Same weights -> the same pool3 features as pytorch-fid's InceptionV3 (its resize, its FID blocks).
+
+    pytorch-fid is not an hfx dependency (``.venv/bin/pip install --no-deps pytorch-fid`` to run this);
+    its own constructor would download weights, so its FID network is assembled here from its blocks.
+    """
+    pf = pytest.importorskip("pytorch_fid.inception")
+    net = pf._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    net.Mixed_5b, net.Mixed_5c = pf.FIDInceptionA(192, pool_features=32), pf.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = pf.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b, net.Mixed_6c = pf.FIDInceptionC(768, channels_7x7=128), pf.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d, net.Mixed_6e = pf.FIDInceptionC(768, channels_7x7=160), pf.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b, net.Mixed_7c = pf.FIDInceptionE_1(1280), pf.FIDInceptionE_2(2048)
+    torch.manual_seed(0)
+    for module in net.modules():  # non-trivial batch-norm statistics, so every block matters
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    torch.save(net.eval().state_dict(), tmp_path / "weights.pth")
+    original, pf.fid_inception_v3 = pf.fid_inception_v3, lambda: net
+    try:
+        theirs = pf.InceptionV3([3], resize_input=True, normalize_input=True, use_fid_inception=True).eval()
+    finally:
+        pf.fid_inception_v3 = original
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = theirs(images)[0].flatten(1)
+    torch.testing.assert_close(InceptionFeatureExtractor(tmp_path / "weights.pth")(images)["features"], expected,
+                               rtol=0, atol=0)
