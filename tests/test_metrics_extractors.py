@@ -327,3 +327,28 @@ def test_fid_inception_equals_pytorch_fid_bit_for_bit(tmp_path):
         expected = theirs(images)[0].flatten(1)
     torch.testing.assert_close(InceptionFeatureExtractor(tmp_path / "weights.pth")(images)["features"], expected,
                                rtol=0, atol=0)
+
+
+def test_lpips_equals_the_lpips_package_with_its_learned_heads(tmp_path):
+    """The paper's code (``lpips`` package) and its shipped v0.1 heads, same trunk weights: equal distances.
+
+    Not an hfx dependency (``.venv/bin/pip install --no-deps lpips`` to run this); the trunk is random
+    because ImageNet weights cannot be downloaded here (``pnet_rand=True``).
+    """
+    import os
+
+    lpips = pytest.importorskip("lpips")
+    from hfx.metrics.lpips import LPIPS
+
+    torch.manual_seed(0)
+    reference = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False).eval()
+    # lpips keeps torchvision's `features` indices inside its slices: slice<k>.<index>.<weight|bias>
+    trunk = {f"{name.split('.')[1]}.{name.split('.')[2]}": p.detach() for name, p in reference.net.named_parameters()}
+    torch.save(trunk, tmp_path / "alexnet_features.pth")
+    heads = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "alex.pth")
+    metric = LPIPS("alex", trunk_weights=tmp_path / "alexnet_features.pth", heads=heads)
+    a = torch.rand(3, 3, 64, 64) * 2 - 1
+    b = (a + 0.3 * torch.randn_like(a)).clamp(-1, 1)
+    with torch.no_grad():
+        expected = reference(a, b).flatten()
+    torch.testing.assert_close(metric(a, b), expected, rtol=1e-6, atol=1e-7)
