@@ -329,6 +329,7 @@ def test_fid_inception_equals_pytorch_fid_bit_for_bit(tmp_path):
                                rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:.*deprecated since 0.13:UserWarning")  # the lpips package's torchvision call
 def test_lpips_equals_the_lpips_package_with_its_learned_heads(tmp_path):
     """The paper's code (``lpips`` package) and its shipped v0.1 heads, same trunk weights: equal distances.
 
