@@ -32,6 +32,15 @@ from hfx.peft import (
 VOCAB = 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These models are tiny: a second intra-op thread only adds contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -370,6 +379,7 @@ def test_fresh_process_reproduces_trained_models_and_export_loads_without_hfx(ru
     script = textwrap.dedent(
         f"""
         import importlib.abc, sys, torch
+        torch.set_num_threads(1)
 
         class BlockHfx(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
@@ -471,6 +481,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     model = relora_model(prune_method="random", relora_steps=3, restart_warmup_steps=1, warmup_steps=1)
     ddp = DistributedDataParallel(model)
