@@ -113,3 +113,10 @@ class ReLoraLinear(lora_layer.Linear):
         # both to zero, which leaves every LoRA gradient at zero until the next merge).
         torch.nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5), generator=generator)
         lora_B.zero_()
+
+
+def named_relora_layers(module: torch.nn.Module, adapter_name: str) -> list[tuple[str, ReLoraLinear]]:
+    """``(name, layer)`` of every ReLoRA layer inside ``module`` that holds ``adapter_name``, in module order."""
+    return [
+        (name, m) for name, m in module.named_modules() if isinstance(m, ReLoraLinear) and adapter_name in m.lora_A
+    ]

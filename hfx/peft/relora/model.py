@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hfx.peft.relora.config import ReLoraConfig
-from hfx.peft.relora.layer import ReLoraLinear
+from hfx.peft.relora.layer import ReLoraLinear, named_relora_layers
 
 # ReLoRA wraps "every linear of attention and MLP". peft's "all-linear" resolves exactly that generically for
 # any architecture (every nn.Linear / Conv1D except the output head), so no per-model table is needed.
@@ -46,7 +46,8 @@ class ReLoraModel(LoraModel):
       saved history to the base weights (this is what reproduces the trained model), and so do
       ``disable_adapter()`` and ``unload()``: they remove only the current low-rank update.
     - One ReLoRA adapter per model: its history lives in the shared base weights, so adapters could not be
-      switched. For switchable adapters, ``export_as_lora`` gives an ordinary LoRA adapter.
+      switched (``delete_adapter`` also leaves the history in the base). For switchable adapters,
+      ``export_as_lora`` gives an ordinary LoRA adapter.
     """
 
     prefix: str = "lora_"
@@ -106,13 +107,8 @@ class ReLoraModel(LoraModel):
         return state_dict
 
     def relora_layers(self, adapter_name: str | None = None) -> list[tuple[str, ReLoraLinear]]:
-        """``(qualified name, layer)`` of every ReLoRA layer holding ``adapter_name`` (default: the active one)."""
-        adapter_name = adapter_name or active_adapter_name(self)
-        return [
-            (name, module)
-            for name, module in self.model.named_modules()
-            if isinstance(module, ReLoraLinear) and adapter_name in module.lora_A
-        ]
+        """``(name, layer)`` of every ReLoRA layer holding ``adapter_name`` (default: the active one)."""
+        return named_relora_layers(self.model, adapter_name or active_adapter_name(self))
 
     @torch.no_grad()
     def export_as_lora(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> LoraConfig:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from hfx.peft.relora.config import PRUNE_METHODS, ReLoraConfig
-from hfx.peft.relora.layer import ReLoraLinear
+from hfx.peft.relora.layer import ReLoraLinear, named_relora_layers
 from hfx.peft.relora.model import active_adapter_name
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def relora_config_of(model: torch.nn.Module, adapter_name: str | None = None) ->
 
 def relora_layers(model: torch.nn.Module, adapter_name: str) -> list[ReLoraLinear]:
     """Every ReLoRA layer of ``model`` (optionally inside DDP) that holds ``adapter_name``, in module order."""
-    return [m for m in _unwrap_model(model).modules() if isinstance(m, ReLoraLinear) and adapter_name in m.lora_A]
+    return [layer for _, layer in named_relora_layers(_unwrap_model(model), adapter_name)]
 
 
 def _prune_mask(param, state: dict, method: str, ratio: float, generator: torch.Generator | None) -> torch.Tensor:
