@@ -28,6 +28,7 @@ test: venv
 	$(BIN)/python -m pytest
 
 bench: venv
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 clean:
