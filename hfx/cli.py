@@ -190,7 +190,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.to(device)
-    names = pipe.config.class_names or []
+    names = pipe.class_names or []
     # A token is a class name when the pipeline has that name, else an id when it reads as an integer.
     classes = [c if c in names or not c.lstrip("-").isdigit() else int(c) for c in args.classes or []]
     grid = class_grid(

@@ -58,7 +58,7 @@ def test_diffusion_task_trains_and_saves_a_guided_pipeline(tmp_path):
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-0000020.png", "step-0000040.png"]
 
     pipe = ClassConditionalPipeline.from_pretrained(result.final_dir)
-    assert pipe.config.class_names == [str(i) for i in range(10)]
+    assert pipe.class_names == [str(i) for i in range(10)]
     assert pipe.unet.config.num_class_embeds == 11 and pipe.unet.config.sample_size == 8
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     assert pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"

@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
@@ -56,6 +56,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     Config (saved in ``model_index.json``):
         class_names: one name per class id, so that ``pipe(["cat", "dog"])`` works; ``None`` for ids only.
+            Stored as an id -> name mapping (``{"0": "cat", ...}``, like transformers' ``id2label``): diffusers
+            reads every list in ``model_index.json`` as a component, so a list would break Hub loading of
+            remote-code exports. :attr:`class_names` gives the names as a list.
         default_guidance_scale: the guidance scale used when ``__call__`` gets none.
 
     ``from_pretrained`` accepts a local folder or a Hub repo id.
@@ -79,7 +82,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         unet: UNet2DModel,
         scheduler: SchedulerMixin,
         classifier: NoisyClassifier | None = None,
-        class_names: Sequence[str] | None = None,
+        class_names: Sequence[str] | Mapping[str, str] | None = None,
         default_guidance_scale: float = 2.0,
     ):
         super().__init__()
@@ -91,6 +94,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 f"class_embed_type={unet.config.get('class_embed_type')!r}"
             )
         num_classes = num_class_embeds - 1
+        if isinstance(class_names, Mapping):  # as saved: {"0": name, "1": name, ...}
+            if sorted(class_names, key=int) != [str(i) for i in range(len(class_names))]:
+                raise ValueError(f"class_names as a mapping needs the ids 0..{len(class_names) - 1} as keys, "
+                                 f"got {sorted(class_names)}")
+            class_names = [class_names[str(i)] for i in range(len(class_names))]
         if class_names is not None:
             class_names = [str(name) for name in class_names]
             if len(class_names) != num_classes:
@@ -107,7 +115,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if default_guidance_scale < 0:
             raise ValueError(f"default_guidance_scale must be >= 0, got {default_guidance_scale}")
         self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier)
-        self.register_to_config(class_names=class_names, default_guidance_scale=float(default_guidance_scale))
+        stored = None if class_names is None else {str(i): name for i, name in enumerate(class_names)}
+        self.register_to_config(class_names=stored, default_guidance_scale=float(default_guidance_scale))
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -142,6 +151,12 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------ labels
     @property
+    def class_names(self) -> list[str] | None:
+        """The class names in id order, or None when the pipeline has ids only."""
+        stored = self.config.class_names
+        return None if stored is None else [stored[str(i)] for i in range(len(stored))]
+
+    @property
     def num_classes(self) -> int:
         """Number of real classes (the UNet's class embeddings minus the null class)."""
         return self.unet.config.num_class_embeds - 1
@@ -155,7 +170,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         """Resolve class names and/or ids to a list of ids in ``[0, num_classes)``.
 
         Raises:
-            ValueError: a name that is not in ``config.class_names``, an id out of range, a bool or float,
+            ValueError: a name that is not in :attr:`class_names`, an id out of range, a bool or float,
                 or an empty list.
         """
         if isinstance(class_labels, torch.Tensor):
@@ -168,7 +183,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         labels = list(class_labels)
         if not labels:
             raise ValueError("class_labels is empty: give at least one class id or name")
-        names = self.config.class_names or []
+        names = self.class_names or []
         ids = []
         for label in labels:
             if isinstance(label, str):
@@ -312,7 +327,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         r"""Generate one image per entry of ``class_labels``.
 
         Args:
-            class_labels: class ids and/or names (``config.class_names``): one, a list, or a 1-d int tensor.
+            class_labels: class ids and/or names (:attr:`class_names`): one, a list, or a 1-d int tensor.
                 The batch size is its length.
             guidance_scale: classifier-free guidance weight ``w`` (>= 0). 0 samples the null class alone
                 (unconditional), 1 the conditional model alone, larger values push harder towards the class.
