@@ -25,6 +25,7 @@ import os
 import platform
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -119,8 +120,9 @@ class Trainer:
 
     def _loop(self) -> str:
         acc, state, task = self.accelerator, self.state, self.task
+        # In a log file (no terminal) every refresh is a new line: refresh less often there.
         self._progress = tqdm(total=self.total_steps, initial=state.global_step, desc="train", dynamic_ncols=True,
-                              disable=not acc.is_local_main_process)
+                              disable=not acc.is_local_main_process, mininterval=0.1 if sys.stderr.isatty() else 10.0)
         self._tick = (time.perf_counter(), state.samples_seen)
         while state.global_step < self.total_steps:
             for batch in self._epoch_batches():
