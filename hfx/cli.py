@@ -99,11 +99,13 @@ def _log_to_stderr() -> None:
 def _train(config) -> tuple[int, object]:
     from accelerate import PartialState
 
+    from hfx.hub import HubCallback
     from hfx.trainers import train
     from hfx.trainers.engine import NonFiniteLossError
 
     try:
-        result = train(config)
+        # The engine sits below hfx.hub: the card (and the push, with push_to_hub) come in as a callback.
+        result = train(config, callbacks=[HubCallback(push_to_hub=config.push_to_hub)])
     except NonFiniteLossError as err:
         print(f"hfx train: error: {err}", file=sys.stderr)
         return 1, None

@@ -67,11 +67,12 @@ def _train(recipe: str, overrides: list[str]):
     each run gets its own configuration."""
     from accelerate.state import AcceleratorState, GradientState
 
+    from hfx.hub import HubCallback
     from hfx.trainers import train
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    return train(recipe, overrides)
+    return train(recipe, overrides, callbacks=[HubCallback()])
 
 
 def _evaluator_extractor(folder: Path):

@@ -167,6 +167,9 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     callbacks: list[dict[str, Any]] = field(default_factory=list)
     """Registered callbacks by name with their options: ``[{name: my-callback, every: 100}]``."""
+    push_to_hub: str | None = None
+    """A Hub repo id (``user/name``): ``hfx train`` pushes the final artifact, its card and images there
+    at the end of the run (never checkpoints or logs); see :func:`hfx.hub.push`."""
     recipe: str | None = None
     """Where the recipe came from (filled in by :func:`load_config`)."""
 
