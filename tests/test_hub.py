@@ -511,3 +511,24 @@ def test_a_training_run_writes_its_card_and_pushes_through_the_callback(hub, tmp
     assert {"README.md", "model.safetensors", "images/loss.png"} <= files
     assert set(card_images(card.content)) <= files
     assert f'AutoModel.from_pretrained("{repo_id}")' in hub.files(repo_id)["README.md"].decode()
+
+
+def test_hfx_train_with_push_to_hub_in_the_recipe_pushes_the_run(hub, tmp_path):
+    """`push_to_hub: user/name` in a recipe: `hfx train` writes the card and pushes at the end."""
+    import yaml
+
+    repo_id = hub.new_repo_id("from-recipe")
+    recipe = tmp_path / "vae.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "task": "vae", "output_dir": str(tmp_path / "run"), "push_to_hub": repo_id,
+        "data": {"dataset": "digits", "options": {"image_size": 8}, "max_eval_samples": 16},
+        "task_options": {"model": {"block_out_channels": [8, 16], "latent_channels": 2, "norm_num_groups": 4},
+                         "grid_size": 2, "scaling_samples": 16},
+        "train": {"max_steps": 2, "batch_size": 16}, "log": {"report_to": []},
+    }))
+    assert main(["train", str(recipe)]) == 0
+    files = uploaded(hub, repo_id)
+    assert {"README.md", "config.json", "model.safetensors"} <= files
+    assert not [f for f in files if f.startswith(("checkpoint-", "logs/"))]
+    card = hub.files(repo_id)["README.md"].decode()
+    assert f'AutoModel.from_pretrained("{repo_id}")' in card and "hfx train" in card
