@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hfx.trainers.tasks.base import Task, TaskData, register_task
+from hfx.trainers.tasks.images import build_image_data
 
 
 @dataclass
@@ -83,35 +83,11 @@ class ImageClassificationTask(Task):
     hub_task_type = "image-classification"
 
     def build_data(self) -> TaskData:
-        opts, cfg = self.options, self.config.data
-        dataset = self.load_dataset()
-        train = dataset[cfg.train_split]
-        for column in (opts.image_column, opts.label_column):
-            if column not in train.column_names:
-                raise ValueError(f"dataset {cfg.dataset!r} has no column {column!r} (columns: "
-                                 f"{', '.join(train.column_names)}); set task_options.image_column / label_column")
-        feature = train.features[opts.label_column]
-        self.label_names = list(feature.names) if hasattr(feature, "names") else sorted(set(train[opts.label_column]))
-        first = train[0][opts.image_column]
-        self.mode = "L" if first.mode in ("L", "1", "I", "I;16", "F") else "RGB"
-        self.channels = 1 if self.mode == "L" else 3
-        self.size = opts.image_size or first.size[0]
-        transform = self._transform
-        splits = {"train": train.with_transform(transform)}
-        if cfg.eval_split is not None:
-            splits["eval"] = dataset[cfg.eval_split].with_transform(transform)
-        return TaskData(train=splits["train"], eval=splits.get("eval"))
-
-    def _transform(self, batch: dict[str, list]) -> dict[str, Any]:
         opts = self.options
-        pixels = []
-        for image in batch[opts.image_column]:
-            image = image.convert(self.mode)
-            if image.size != (self.size, self.size):
-                image = image.resize((self.size, self.size))
-            array = np.asarray(image, dtype=np.float32).reshape(self.size, self.size, self.channels) / 255.0
-            pixels.append(torch.from_numpy((array - opts.mean) / opts.std).permute(2, 0, 1))
-        return {"pixel_values": pixels, "labels": [torch.tensor(int(y)) for y in batch[opts.label_column]]}
+        data, info = build_image_data(self, image_column=opts.image_column, label_column=opts.label_column,
+                                      image_size=opts.image_size, mean=opts.mean, std=opts.std)
+        self.label_names, self.mode, self.channels, self.size = info.label_names, info.mode, info.channels, info.size
+        return data
 
     def build_models(self) -> dict[str, torch.nn.Module]:
         opts = self.options
