@@ -114,6 +114,16 @@ def test_sample_and_interpolate_shapes_and_endpoints():
     torch.testing.assert_close(path[[0, -1]], ends, rtol=1e-5, atol=1e-5)
 
 
+def test_latent_arithmetic_decodes_the_combined_means():
+    model = tiny()
+    a, b, c = images(3, seed=1), images(2, seed=2), images(1, seed=3)
+    mean = lambda x: model.encode(x).latent_dist.mean.mean(0, keepdim=True)  # noqa: E731
+    expected = model.decode(mean(a) - mean(b) + mean(c))
+    torch.testing.assert_close(model.latent_arithmetic(a, b, c), expected)
+    # a - a + c is c's reconstruction from its mean
+    torch.testing.assert_close(model.latent_arithmetic(a, a, c[0]), model.decode(mean(c)), rtol=1e-5, atol=1e-5)
+
+
 def test_save_and_load_with_automodel_gives_identical_outputs(tmp_path):
     model = tiny(num_classes=2, reconstruction_loss="bernoulli")
     model.save_pretrained(tmp_path)

@@ -307,5 +307,21 @@ class HfxVAEModel(HfxVAEPreTrainedModel):
         step_labels = None if labels is None else pair_labels[:1].repeat(steps)
         return self.decode(path, step_labels)
 
+    @torch.no_grad()
+    def latent_arithmetic(self, x_a: torch.Tensor, x_b: torch.Tensor, x_c: torch.Tensor, labels=None) -> torch.Tensor:
+        """Vector arithmetic in latent space: decode ``z(a) - z(b) + z(c)`` ("a is to b as ? is to c").
+
+        Each argument is a batch (B, C, H, W) in [-1, 1] (or one image); the latent of each is the
+        mean of the batch's posterior means, so averaging several examples of an attribute gives a
+        cleaner direction. Returns one image (1, C, H, W) in [-1, 1].
+        """
+        def mean_latent(x):
+            x = x.reshape(-1, *x.shape[-3:])
+            batch_labels = None if labels is None else torch.as_tensor(labels).reshape(-1)[:1].repeat(x.shape[0])
+            return self.encode(x, batch_labels).latent_dist.mode().mean(0, keepdim=True)
+
+        z = mean_latent(x_a) - mean_latent(x_b) + mean_latent(x_c)
+        return self.decode(z, None if labels is None else torch.as_tensor(labels).reshape(-1)[:1])
+
 
 __all__ = ["HfxVAEModel", "HfxVAEPreTrainedModel", "HfxVAEOutput", "HfxVAEEncoderOutput", "DiagonalGaussian"]
