@@ -167,6 +167,9 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     callbacks: list[dict[str, Any]] = field(default_factory=list)
     """Registered callbacks by name with their options: ``[{name: my-callback, every: 100}]``."""
+    peft: dict[str, Any] | None = None
+    """Parameter-efficient fine-tuning of one task model: ``{method: lora|relora|prefix_tuning|..., model:
+    <name>, save_base: true, <fields of the method's peft config>}`` (see :mod:`hfx.trainers.peft`)."""
     push_to_hub: str | None = None
     """A Hub repo id (``user/name``): ``hfx train`` pushes the final artifact, its card and images there
     at the end of the run (never checkpoints or logs); see :func:`hfx.hub.push`."""
@@ -364,6 +367,7 @@ def validate(config: TrainConfig, task_cls: type) -> None:
     """Checks across fields, done before anything is built."""
     from hfx.trainers.callbacks import CALLBACKS
     from hfx.trainers.checkpoint import previous_run_files, resolve_checkpoint
+    from hfx.trainers.peft import validate_peft
     from hfx.trainers.schedules import SCHEDULES
 
     t = config.train
@@ -391,6 +395,7 @@ def validate(config: TrainConfig, task_cls: type) -> None:
         if previous:
             raise ConfigError(f"output_dir {config.output_dir} already holds a run ({', '.join(previous)}); set "
                               "resume_from_checkpoint=latest to continue it or overwrite_output_dir=true to start over")
+    validate_peft(config)  # before the scheduler check: ReLoRA sets its own schedule
     if config.scheduler.name not in SCHEDULES:
         raise ConfigError(f"unknown scheduler.name {config.scheduler.name!r}"
                           f"{_suggest(config.scheduler.name, SCHEDULES, '')}".replace("valid keys", "registered schedules"))

@@ -39,6 +39,7 @@ from hfx.trainers import checkpoint as ckpt
 from hfx.trainers.callbacks import Callback, build_callbacks
 from hfx.trainers.config import TrainConfig, dump_yaml, load_config, optimizer_config, to_dict
 from hfx.trainers.ema import EMA
+from hfx.trainers.peft import apply_peft
 from hfx.trainers.schedules import SCHEDULES
 from hfx.trainers.tasks import get_task
 
@@ -255,8 +256,11 @@ class Trainer:
         set_seed(cfg.seed)  # the same initial weights on every process and in every run
         data = task.build_data()  # before any model: a missing dataset fails fast
         models = task.build_models()
+        self.peft = apply_peft(self, models)  # wraps a model in place, before optimizers see its parameters
         groups = task.optimizer_groups(models)
         self._check_groups(models, groups)
+        if self.peft is not None:
+            self.callbacks.extend(self.peft.callbacks(groups))
         task._model_names, task._optimizer_names = list(models), list(groups)
         for model in models.values():
             model.train()
@@ -568,9 +572,13 @@ class Trainer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
                 unwrapped = {name: self.unwrapped(name) for name in self.models}
-                self.task.save(unwrapped, state_dicts, tmp)
-                write_model_card(tmp, self.config, self.last_eval, self.state,
-                                 self.task.hub_task_type, self.task.card(self.last_eval))
+                card = self.task.card(self.last_eval)
+                if self.peft is not None:  # final/ holds the adapter (and the base the task saved before training)
+                    self.peft.save(unwrapped, state_dicts, tmp)
+                    card = self.peft.card(card)
+                else:
+                    self.task.save(unwrapped, state_dicts, tmp)
+                write_model_card(tmp, self.config, self.last_eval, self.state, self.task.hub_task_type, card)
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)

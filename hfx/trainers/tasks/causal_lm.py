@@ -131,7 +131,8 @@ class CausalLMTask(Task):
         nll, tokens = 0.0, 0
         for batch in loader:
             ids = batch["input_ids"]
-            logits = models["model"](input_ids=ids).logits.float()
+            # prompt tuning (peft) puts its virtual tokens' logits first: score only the real positions
+            logits = models["model"](input_ids=ids).logits[:, -ids.shape[1]:].float()
             losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
                                                        reduction="none").view(ids.shape[0], -1).sum(-1)
             losses = self.accelerator.gather_for_metrics(losses)

@@ -1,0 +1,233 @@
+"""Parameter-efficient fine-tuning in engine recipes: a ``peft:`` section wraps one of the task's models.
+
+A recipe names the method and any field of its peft config::
+
+    peft: {method: lora, r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}
+    peft: {method: prompt_tuning, num_virtual_tokens: 8}
+    peft: {method: relora, r: 16, relora_steps: 500, restart_warmup_steps: 50, prune_method: magnitude}
+
+``method`` is any peft type by its lower-case name (``lora``, ``prefix_tuning``, ``prompt_tuning``, ``ia3``,
+``loha``, ...) or one hfx registers (``relora``, ``bottleneck_adapter``); ``model`` picks which of the task's
+models is wrapped (default: the only one); ``save_base`` (default true) writes the untouched base model, as
+the task saves it, to ``<output_dir>/base`` and ``final/base`` (a model built from config exists nowhere
+else). Every other key is a field of the method's config class, checked before anything is built.
+``task_type`` defaults from the task (``causal-lm`` -> ``CAUSAL_LM``, what prefix and prompt tuning need to
+``generate``).
+
+Where things happen: :func:`validate_peft` runs with the rest of the config checks; the engine calls
+:func:`apply_peft` right after ``task.build_models()`` (so optimizers see only the trainable parameters) and,
+when peft is on, :meth:`PeftRun.save` instead of the task's ``save`` for ``final/``: ``final/`` holds the
+adapter (``PeftModel.save_pretrained``) and ``final/base`` the base artifact the task wrote before training.
+
+ReLoRA (``method: relora``): the run uses the jagged cosine schedule built from the ReLoRA fields
+(``scheduler.name`` is set to ``relora_jagged``; any other schedule is refused since the restarts need the
+learning rate at 0), and a callback calls :func:`hfx.peft.relora_restart` with the real optimizer after every
+``relora_steps``-th optimizer step, before that step's checkpoint, logging ``relora/*`` to ``metrics.jsonl``.
+The model's state (base weights with the merged history, history buffers) and the pruned optimizer state are
+in every checkpoint, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hfx.trainers.callbacks import Callback
+from hfx.trainers.config import ConfigError, _suggest
+from hfx.trainers.schedules import register_schedule
+
+if TYPE_CHECKING:
+    from hfx.trainers.config import TrainConfig
+    from hfx.trainers.engine import Trainer
+
+logger = logging.getLogger(__name__)
+
+#: Keys of the ``peft:`` section that are hfx's, not the peft config's.
+ENGINE_KEYS = ("method", "model", "save_base")
+#: The peft ``task_type`` each engine task implies (prompt-learning methods need it to pick the right PeftModel).
+TASK_TYPES = {"causal-lm": "CAUSAL_LM"}
+
+
+def peft_methods() -> dict[str, type]:
+    """Lower-case method name -> peft config class, for every type peft and hfx register."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    import hfx.peft  # noqa: F401  (registers ReLoRA and bottleneck adapters)
+
+    return {str(getattr(key, "value", key)).lower(): cls for key, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+
+
+def build_peft_config(section: dict[str, Any], task: str | None = None):
+    """The peft config a recipe's ``peft:`` section describes (``ENGINE_KEYS`` left out).
+
+    Raises:
+        ConfigError: no or an unknown ``method``, a field the method's config lacks (naming the closest
+            one), or values the config class rejects.
+    """
+    methods = peft_methods()
+    method = section.get("method")
+    if not isinstance(method, str):
+        raise ConfigError(f"peft.method must name a PEFT method (one of {', '.join(sorted(methods))}), got {method!r}")
+    if method.lower() not in methods:
+        raise ConfigError(f"unknown peft.method {method!r}{_suggest(method.lower(), methods, '')}"
+                          .replace("valid keys", "PEFT methods"))
+    config_cls = methods[method.lower()]
+    valid = [f.name for f in dataclasses.fields(config_cls) if f.init and f.name != "peft_type"]
+    fields = {k: v for k, v in section.items() if k not in ENGINE_KEYS}
+    for key in fields:
+        if key not in valid:
+            raise ConfigError(f"unknown config key {'peft.' + key!r} for method {method!r}"
+                              f"{_suggest(key, valid + list(ENGINE_KEYS), 'peft.')}")
+    if "task_type" in valid and task in TASK_TYPES:
+        fields.setdefault("task_type", TASK_TYPES[task])
+    try:
+        return config_cls(**fields)
+    except (TypeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"peft ({method}): {first}") from None
+
+
+def validate_peft(config: TrainConfig) -> None:
+    """Config checks of the ``peft:`` section (called by :func:`hfx.trainers.config.validate`); for ReLoRA
+    also sets ``scheduler`` to the jagged cosine schedule of the ReLoRA fields (visible in ``config.yaml``)."""
+    from hfx.peft import ReLoraConfig
+
+    if config.peft is None:
+        return
+    peft_config = build_peft_config(config.peft, config.task)
+    if not isinstance(config.peft.get("save_base", True), bool):
+        raise ConfigError(f"config key 'peft.save_base' must be true or false, got {config.peft['save_base']!r}")
+    if not isinstance(peft_config, ReLoraConfig):
+        return
+    if peft_config.full_rank_warmup_steps:
+        raise ConfigError("peft.full_rank_warmup_steps is not supported by the engine: train full-rank in a first run, "
+                          "then start the ReLoRA run from its final model (task_options.pretrained)")
+    sched = config.scheduler
+    if sched.name not in ("constant", "relora_jagged"):  # constant is the default: the user chose nothing
+        raise ConfigError(f"peft.method relora runs its jagged cosine schedule (learning rate 0 at each restart); "
+                          f"remove scheduler.name={sched.name!r} or set it to 'relora_jagged'")
+    for key, ours in (("warmup_steps", peft_config.warmup_steps), ("min_lr_ratio", peft_config.min_lr_ratio)):
+        theirs = getattr(sched, key)
+        if theirs and theirs != ours:
+            raise ConfigError(f"scheduler.{key}={theirs} conflicts with ReLoRA's {key}={ours}: set peft.{key} "
+                              f"(the jagged schedule reads it there)")
+    sched.name, sched.warmup_steps, sched.min_lr_ratio = "relora_jagged", peft_config.warmup_steps, peft_config.min_lr_ratio
+    sched.options = {"relora_steps": peft_config.relora_steps, "restart_warmup_steps": peft_config.restart_warmup_steps}
+
+
+@register_schedule("relora_jagged")
+def relora_jagged_schedule(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,
+                           min_lr_ratio: float = 0.1, relora_steps: int, restart_warmup_steps: int = 0):
+    """ReLoRA's jagged cosine (:func:`hfx.peft.get_jagged_cosine_schedule`) as an engine schedule: options
+    ``relora_steps`` and ``restart_warmup_steps``; the multiplier is 0 right after each restart."""
+    from hfx.peft import get_jagged_cosine_schedule
+
+    return get_jagged_cosine_schedule(optimizer, num_training_steps=total_steps, relora_steps=relora_steps,
+                                      restart_warmup_steps=restart_warmup_steps, warmup_steps=warmup_steps,
+                                      min_lr_ratio=min_lr_ratio)
+
+
+class ReLoraRestarts(Callback):
+    """Calls :func:`hfx.peft.relora_restart` after every ``relora_steps``-th optimizer step (not after the last
+    one), on every process, and logs what it did as ``relora/*`` in ``metrics.jsonl``. ``restarts`` holds the
+    :class:`hfx.peft.ReLoraRestartStats` of this process's run (not those before a resume)."""
+
+    def __init__(self, model_name: str, optimizer_name: str, relora_steps: int):
+        self.model_name, self.optimizer_name, self.relora_steps = model_name, optimizer_name, relora_steps
+        self.restarts = []
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        from hfx.peft import is_restart_step, relora_config_of, relora_layers, relora_restart
+
+        step = trainer.global_step
+        if not is_restart_step(step, relora_steps=self.relora_steps) or step >= trainer.total_steps:
+            return
+        model = trainer.unwrapped(self.model_name)
+        stats = relora_restart(model, trainer.optimizers[self.optimizer_name], step=step)
+        self.restarts.append(stats)
+        adapter, _ = relora_config_of(model)
+        restarts = relora_layers(model, adapter)[0].num_restarts(adapter)  # the model's history survives a resume
+        trainer._record({"step": step, "relora/restart": restarts, "relora/layers": stats.layers,
+                         "relora/pruned_fraction": stats.pruned_fraction})
+
+
+@dataclasses.dataclass
+class PeftRun:
+    """The peft side of one run: which model is wrapped, its config, the callbacks it needs, how it saves."""
+
+    model_name: str
+    config: Any
+    save_base: bool
+    base_dir: Path | None = None
+
+    @property
+    def method(self) -> str:
+        return str(getattr(self.config.peft_type, "value", self.config.peft_type)).lower()
+
+    def callbacks(self, groups: dict[str, list[str]]) -> list[Callback]:
+        from hfx.peft import ReLoraConfig
+
+        if not isinstance(self.config, ReLoraConfig):
+            return []
+        optimizer = next(name for name, members in groups.items() if self.model_name in members)
+        return [ReLoraRestarts(self.model_name, optimizer, self.config.relora_steps)]
+
+    def save(self, models: dict[str, torch.nn.Module], state_dicts: dict[str, dict], output_dir: Path) -> None:
+        """``final/``: the adapter of the wrapped model (``adapter_config.json``, ``adapter_model.safetensors``)
+        plus ``base/`` (the task's artifact of the untouched base, when ``save_base``). Main process only."""
+        peft_model = models[self.model_name]
+        peft_model.save_pretrained(output_dir, state_dict=state_dicts[self.model_name])
+        if self.base_dir is not None:
+            shutil.copytree(self.base_dir, output_dir / "base")
+
+    def card(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """The task's model-card variables with the loading snippet of an adapter."""
+        base = '"PATH/TO/final/base"' if self.save_base else "BASE_MODEL_NAME_OR_PATH"
+        snippet = ("import hfx  # registers hfx's PEFT methods (ReLoRA, bottleneck adapters)\n"
+                   "from peft import PeftModel\n"
+                   f"base = ...  # the base model as the task loads it, e.g. AutoModel*.from_pretrained({base})\n"
+                   'model = PeftModel.from_pretrained(base, "PATH/TO/final")')
+        summary = extra.get("model_summary", "")
+        return {**extra, "load_snippet": snippet, "library_name": "peft",
+                "model_summary": f"A `{self.method}` adapter (peft) of this base model. {summary}".strip()}
+
+
+def apply_peft(trainer: Trainer, models: dict[str, torch.nn.Module]) -> PeftRun | None:
+    """Wrap the model the ``peft:`` section names with ``get_peft_model``, in ``models`` (in place), after
+    writing the untouched base with the task's ``save`` to ``<output_dir>/base`` when ``save_base``.
+    Returns None when the recipe has no ``peft:`` section."""
+    from peft import get_peft_model
+
+    config, acc = trainer.config, trainer.accelerator
+    if config.peft is None:
+        return None
+    name = config.peft.get("model")
+    if name is None:
+        if len(models) != 1:
+            raise ConfigError(f"peft.model must name the model to wrap (task {config.task!r} builds {', '.join(models)})")
+        name = next(iter(models))
+    if name not in models:
+        raise ConfigError(f"peft.model {name!r} is not a model of task {config.task!r} (it builds {', '.join(models)})")
+    run = PeftRun(name, build_peft_config(config.peft, config.task), save_base=config.peft.get("save_base", True))
+    if run.save_base:
+        run.base_dir = trainer.output_dir / "base"
+        # Written in every run (a resumed run builds the same seeded base; a new one may have changed it).
+        if acc.is_main_process:
+            tmp = run.base_dir.with_name("base.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            trainer.task.save(models, {n: m.state_dict() for n, m in models.items()}, tmp)
+            shutil.rmtree(run.base_dir, ignore_errors=True)
+            tmp.rename(run.base_dir)
+        acc.wait_for_everyone()
+    models[name] = get_peft_model(models[name], run.config)
+    trainable, total = (sum(p.numel() for p in models[name].parameters() if p.requires_grad),
+                        sum(p.numel() for p in models[name].parameters()))
+    logger.info("peft %s on model %r: %d of %d parameters trainable (%.2f%%)", run.method, name, trainable, total,
+                100 * trainable / max(total, 1))
+    return run

@@ -1,0 +1,216 @@
+"""PEFT methods in engine recipes (``peft:`` section): LoRA trains only the adapter, prefix and prompt tuning
+generate with a cache after reload, ReLoRA restarts in the engine (schedule, logged stats), resumes exactly
+and reloads in a fresh process; bad peft fields are one-line config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hfx.trainers import Callback, ConfigError, Trainer, load_config
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """One clean accelerator state per run and one thread (tiny models on a shared 2-core machine)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.set_num_threads(threads)
+
+
+def tiny_lm(out: Path, *overrides: str):
+    """lm-stdlib with a 1-block Llama of width 32 on 20 files, 32-token blocks."""
+    return load_config("lm-stdlib", [
+        f"output_dir={out}", "data.options={max_files: 20}", "task_options.vocab_size=400",
+        "task_options.block_size=32", "task_options.model_options={hidden_size: 32, intermediate_size: 64, "
+        "num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2}",
+        "train.max_steps=30", "train.batch_size=8", "scheduler.warmup_steps=0", "scheduler.min_lr_ratio=0",
+        "scheduler.name=constant", "eval.every_steps=null", "eval.at_end=false", "checkpoint.every_steps=null",
+        "log.report_to=[]", "log.every_steps=1", "data.max_eval_samples=32", "optimizer.lr=1e-2",
+        "optimizer.weight_decay=0", *overrides])
+
+
+_BASE: dict[str, Path] = {}
+
+
+def pretrained_base(tmp_path_factory) -> Path:
+    """A tiny Llama trained full-rank for 30 steps (``final/`` with its tokenizer), built once per session:
+    the base that LoRA / prefix / prompt tuning fine-tune, as they would a Hub model."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    if "base" not in _BASE:
+        out = tmp_path_factory.mktemp("base")
+        Trainer(tiny_lm(out, "train.max_steps=30", "optimizer.lr=3e-3")).fit()
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        _BASE["base"] = out / "final"
+    return _BASE["base"]
+
+
+def finetune(out: Path, base: Path, *overrides: str):
+    return tiny_lm(out, f"task_options.model={base}", "task_options.pretrained=true", f"task_options.tokenizer={base}",
+                   "task_options.model_options={}", *overrides, "peft.save_base=false")
+
+
+def records(run_dir: Path, key: str) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if key in r]
+
+
+class Snapshot(Callback):
+    """The wrapped model as training starts: weights, trainable names, optimizer size, held-out loss."""
+
+    def on_train_begin(self, trainer):
+        model = trainer.unwrapped("model")
+        self.before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.optimized = sum(p.numel() for g in trainer.optimizers["main"].param_groups for p in g["params"])
+        self.eval_before = trainer.evaluate()["loss"]  # held-out loss of the base (B = 0)
+
+
+
+IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11], [1, 2, 3, 4, 5, 6, 7, 8]])
+
+
+def test_lora_trains_only_the_adapter_and_reloads(tmp_path, tmp_path_factory):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    snapshot = Snapshot()
+    base_dir = pretrained_base(tmp_path_factory)
+    trainer = Trainer(finetune(tmp_path, base_dir, "peft={method: lora, r: 8, lora_alpha: 16, target_modules: all-linear}",
+                               "train.max_steps=40", "optimizer.lr=1e-2", "eval.at_end=true"), [snapshot])
+    result = trainer.fit()
+    model, before = trainer.unwrapped("model"), snapshot.before
+    assert snapshot.trainable and all("lora_" in n for n in snapshot.trainable)
+    assert snapshot.optimized == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert result.metrics["loss"] < snapshot.eval_before - 0.01  # held-out loss falls
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_B" in k or "lora_A" in k for k in changed)
+
+    final = tmp_path / "final"
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+    assert not (final / "model.safetensors").exists() and not (final / "base").exists()
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    reloaded = PeftModel.from_pretrained(base, final).eval()
+    torch.testing.assert_close(reloaded(input_ids=IDS).logits, model.eval()(input_ids=IDS).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning"])
+def test_prompt_learning_trains_and_generates_with_cache_after_reload(tmp_path, tmp_path_factory, method):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir = pretrained_base(tmp_path_factory)
+    snapshot = Snapshot()
+    trainer = Trainer(finetune(tmp_path, base_dir, f"peft={{method: {method}, num_virtual_tokens: 4}}", "train.max_steps=20",
+                               "eval.at_end=true"), [snapshot])
+    result = trainer.fit()
+    assert result.metrics["loss"] < snapshot.eval_before - 0.01  # held-out loss falls
+    final = tmp_path / "final"
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["peft_type"] == method.upper() and config["task_type"] == "CAUSAL_LM"
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    reloaded = PeftModel.from_pretrained(base, final).eval()
+    trained = trainer.unwrapped("model").eval()
+    torch.testing.assert_close(reloaded(input_ids=IDS).logits, trained(input_ids=IDS).logits, rtol=0, atol=1e-6)
+    prompt = IDS[:1, :4]
+    cached = reloaded.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+    greedy = prompt  # the same greedy continuation by full forward passes, no cache
+    with torch.no_grad():
+        for _ in range(6):
+            greedy = torch.cat([greedy, reloaded(input_ids=greedy).logits[:, -1:].argmax(-1)], dim=1)
+    assert cached.shape == (1, 10) and torch.equal(cached, greedy)
+    # the virtual tokens change the model: the base alone continues differently (or scores differently)
+    with reloaded.disable_adapter():
+        plain = reloaded(input_ids=IDS).logits
+    assert (plain - trained(input_ids=IDS).logits[:, -IDS.shape[1]:]).abs().max() > 1e-3
+
+
+RELORA = ("peft={method: relora, r: 4, lora_alpha: 8, relora_steps: 10, restart_warmup_steps: 3, warmup_steps: 2, "
+          "min_lr_ratio: 0.1, prune_method: magnitude, prune_ratio: 0.9}")
+
+
+def test_relora_in_the_engine_resumes_exactly_and_reloads_in_a_fresh_process(tmp_path):
+    full_dir = tmp_path / "full"
+    full = Trainer(tiny_lm(full_dir, RELORA, "checkpoint.every_steps=15", "scheduler.name=constant"))
+    full.fit()
+    cfg = full.config.scheduler
+    assert cfg.name == "relora_jagged" and cfg.warmup_steps == 2 and cfg.options["relora_steps"] == 10
+    restarts = records(full_dir, "relora/restart")
+    assert [r["step"] for r in restarts] == [10, 20]  # not after the last step (30)
+    assert all(r["relora/pruned_fraction"] == pytest.approx(0.9, abs=0.02) for r in restarts)
+    lrs = {r["step"]: r["lr"] for r in records(full_dir, "lr")}
+    # a record's lr is the one the next step uses: the step right after a restart runs at LR 0, then ramps
+    assert lrs[10] == 0.0 and lrs[20] == 0.0 and 0 < lrs[11] < lrs[12] < lrs[13]
+    model = full.unwrapped("model")
+    layers = [m for m in model.modules() if hasattr(m, "relora_history_A")]
+    assert layers and all(m.num_restarts("default") == 2 for m in layers)
+
+    # kill after checkpoint-15 (between the two restarts), then resume: what remains of the run is equal
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    for name in ("checkpoint-15", "tokenizer", "metrics.jsonl", "base"):
+        copy = shutil.copytree if (full_dir / name).is_dir() else shutil.copy
+        copy(full_dir / name, resumed_dir / name)
+    resumed = Trainer(tiny_lm(resumed_dir, RELORA, "checkpoint.every_steps=15", "resume_from_checkpoint=latest"))
+    resumed.fit()
+    a, b = model.state_dict(), resumed.unwrapped("model").state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+    assert records(resumed_dir, "relora/restart") == restarts
+
+    expected = model.eval()(input_ids=IDS).logits
+    script = (
+        "import sys, torch, hfx\n"
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "torch.set_num_threads(1)\n"
+        "final = sys.argv[1]\n"
+        "model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(final + '/base'), final).eval()\n"
+        f"ids = torch.tensor({IDS.tolist()})\n"
+        "with torch.no_grad():\n"
+        "    torch.save({'adapter': model(input_ids=ids).logits,\n"
+        "                'merged': model.merge_and_unload()(input_ids=ids).logits}, sys.argv[2])\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", script, str(full_dir / "final"), str(tmp_path / "logits.pt")],
+                   check=True, env=env, timeout=120)
+    logits = torch.load(tmp_path / "logits.pt", weights_only=True)
+    torch.testing.assert_close(logits["adapter"], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits["merged"], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("peft={method: lora, rr: 4}", "unknown config key 'peft.rr' for method 'lora'; did you mean 'peft.r'?"),
+    ("peft={method: lorra}", "unknown peft.method 'lorra'; did you mean 'lora'?"),
+    ("peft={method: relora, relora_steps: 10, restart_warmup_steps: 2}", None),
+    ("peft={method: relora, relora_steps: 10}",
+     "peft (relora): ReLoraConfig.restart_warmup_steps=100 must be >= 0 and < relora_steps (10)"),
+])
+def test_bad_peft_fields_are_one_line_config_errors(tmp_path, override, message):
+    if message is None:  # ReLoRA refuses a schedule that would not put the LR at 0 at the restarts
+        with pytest.raises(ConfigError, match="jagged cosine schedule") as err:
+            tiny_lm(tmp_path, override, "scheduler.name=cosine")
+    else:
+        with pytest.raises(ConfigError) as err:
+            tiny_lm(tmp_path, override)
+        assert str(err.value) == message
+    assert "\n" not in str(err.value)
