@@ -143,6 +143,66 @@ def test_prompt_learning_trains_and_generates_with_cache_after_reload(tmp_path, 
     assert (plain - trained(input_ids=IDS).logits[:, -IDS.shape[1]:]).abs().max() > 1e-3
 
 
+def test_two_lora_adapters_of_one_base_hot_swap(tmp_path, tmp_path_factory):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir = pretrained_base(tmp_path_factory)
+    for name, seed in (("a", 1), ("b", 2)):
+        config = finetune(tmp_path / name, base_dir, "peft={method: lora, r: 4}", "train.max_steps=10", f"seed={seed}")
+        Trainer(config).fit()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "a" / "final",
+                                      adapter_name="a").eval()
+    model.load_adapter(tmp_path / "b" / "final", adapter_name="b")
+    outputs = {}
+    for name in ("a", "b", "a"):
+        model.set_adapter(name)
+        logits = model(input_ids=IDS).logits
+        alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / name / "final")
+        torch.testing.assert_close(logits, alone.eval()(input_ids=IDS).logits, rtol=0, atol=1e-6)
+        outputs[name] = logits
+    assert (outputs["a"] - outputs["b"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("recipe", ["classify-digits", "ddpm-digits"])
+def test_lora_on_a_timm_vit_and_a_diffusers_unet_via_recipes(tmp_path, recipe):
+    from peft import PeftModel
+
+    if recipe == "classify-digits":
+        overrides = ["task_options.model=timm:vit_tiny_patch16_224", "train.batch_size=32",
+                     "task_options.model_options={img_size: 8, patch_size: 4, embed_dim: 32, depth: 1, num_heads: 2}",
+                     "peft={method: lora, r: 4, target_modules: [qkv, proj, fc1, fc2], modules_to_save: [head]}"]
+    else:
+        overrides = ["task_options.unet={block_out_channels: [8, 16], down_block_types: [DownBlock2D, AttnDownBlock2D], "
+                     "up_block_types: [AttnUpBlock2D, UpBlock2D], norm_num_groups: 4, attention_head_dim: 4}",
+                     "task_options.grid_per_class=0", "train.batch_size=16", "ema.enabled=false",
+                     "peft={method: lora, r: 4, target_modules: [to_q, to_k, to_v, to_out.0]}"]
+    config = load_config(recipe, [f"output_dir={tmp_path}", "data.options={image_size: 8}", "data.max_eval_samples=32",
+                                  "train.max_steps=8", "eval.every_steps=null", "eval.at_end=false",
+                                  "checkpoint.every_steps=null", "log.report_to=[]", "log.every_steps=1", *overrides])
+    trainer = Trainer(config)
+    trainer.fit()
+    name = trainer.peft.model_name
+    model = trainer.unwrapped(name)
+    assert all("lora_" in n or "modules_to_save" in n for n, p in model.named_parameters() if p.requires_grad)
+    final = tmp_path / "final"  # the adapter, and in base/ the task's artifact of the untrained base
+    if recipe == "classify-digits":
+        import timm
+
+        base = timm.create_model("local-dir:" + str(final / "base"), pretrained=True)
+        inputs = {"x": torch.randn(2, 1, 8, 8)}
+    else:
+        from diffusers import UNet2DModel
+
+        base = UNet2DModel.from_pretrained(final / "base", subfolder="unet")
+        inputs = {"sample": torch.randn(2, 1, 8, 8), "timestep": torch.tensor([3, 500]), "class_labels": torch.tensor([1, 2])}
+    reloaded = PeftModel.from_pretrained(base, final).eval()
+    expected, got = model.eval()(**inputs), reloaded(**inputs)
+    if recipe == "ddpm-digits":
+        expected, got = expected.sample, got.sample
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
 RELORA = ("peft={method: relora, r: 4, lora_alpha: 8, relora_steps: 10, restart_warmup_steps: 3, warmup_steps: 2, "
           "min_lr_ratio: 0.1, prune_method: magnitude, prune_ratio: 0.9}")
 
