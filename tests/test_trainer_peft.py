@@ -274,3 +274,53 @@ def test_bad_peft_fields_are_one_line_config_errors(tmp_path, override, message)
             tiny_lm(tmp_path, override)
         assert str(err.value) == message
     assert "\n" not in str(err.value)
+
+
+def tiny_vit(out: Path, *overrides: str):
+    """image-classification on 8x8 digits with a 1-block ViT."""
+    return load_config({
+        "task": "image-classification", "output_dir": str(out),
+        "data": {"dataset": "digits", "options": {"image_size": 8}, "max_eval_samples": 64},
+        "task_options": {"model": "timm:vit_tiny_patch16_224",
+                         "model_options": {"img_size": 8, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}},
+        "train": {"max_steps": 10, "batch_size": 32},
+        "optimizer": {"lr": 1e-3, "weight_decay": 0.1},
+        "freeze": {"train_only": [r"^model\.head\."], "unfreeze_at_step": 5},
+        "checkpoint": {"every_steps": 3},
+        "log": {"every_steps": 1, "report_to": []},
+        "eval": {"at_end": False},
+    }, list(overrides))
+
+
+def test_freeze_trains_the_head_first_then_everything_and_resumes_exactly(tmp_path):
+    class AtStep5(Callback):
+        def on_train_begin(self, trainer):
+            self.initial = {k: v.clone() for k, v in trainer.unwrapped("model").state_dict().items()}
+
+        def on_step_end(self, trainer):
+            if trainer.global_step == 5:
+                self.weights = {k: v.clone() for k, v in trainer.unwrapped("model").state_dict().items()}
+
+    seen = AtStep5()
+    full = Trainer(tiny_vit(tmp_path / "full"), [seen])
+    full.fit()
+    moved = {k for k in seen.initial if not torch.equal(seen.initial[k], seen.weights[k])}
+    assert moved == {"head.weight", "head.bias"}  # steps 1-5: the head only (no weight decay on frozen ones)
+    final = full.unwrapped("model").state_dict()
+    assert all(not torch.equal(seen.weights[k], final[k]) for k in final if k != "pos_embed")
+
+    for checkpoint in ("checkpoint-3", "checkpoint-6"):  # killed before and after the unfreeze
+        out = tmp_path / checkpoint
+        out.mkdir()
+        shutil.copytree(tmp_path / "full" / checkpoint, out / checkpoint)
+        resumed = Trainer(tiny_vit(out, "resume_from_checkpoint=latest"))
+        resumed.fit()
+        for key, value in resumed.unwrapped("model").state_dict().items():
+            torch.testing.assert_close(value, final[key], rtol=0, atol=0, msg=f"{checkpoint}: {key}")
+
+
+def test_freeze_patterns_that_match_nothing_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"freeze.train_only \['nope'\] matches no trainable parameter"):
+        Trainer(tiny_vit(tmp_path, "freeze.train_only=[nope]")).fit()
+    with pytest.raises(ConfigError, match=r"freeze.train_only\[0\] '\(' is not a regular expression"):
+        tiny_vit(tmp_path, "freeze.train_only=['(']")

@@ -142,6 +142,17 @@ class LogConfig:
 
 
 @dataclass
+class FreezeConfig:
+    """Fine-tuning schedules: train only some parameters first, optionally everything after N steps."""
+
+    train_only: list[str] = field(default_factory=list)
+    """Regular expressions (``re.search``) over ``<model name>.<parameter name>`` (``model.head.weight``); the
+    trainable parameters that match none are frozen. Empty: nothing is frozen."""
+    unfreeze_at_step: int | None = None
+    """After this many optimizer steps the frozen parameters train too (one process only); None: never."""
+
+
+@dataclass
 class TrainConfig:
     """A whole run. ``task`` picks the task; ``task_options`` is that task's own options dataclass."""
 
@@ -167,6 +178,7 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     callbacks: list[dict[str, Any]] = field(default_factory=list)
     """Registered callbacks by name with their options: ``[{name: my-callback, every: 100}]``."""
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
     peft: dict[str, Any] | None = None
     """Parameter-efficient fine-tuning of one task model: ``{method: lora|relora|prefix_tuning|..., model:
     <name>, save_base: true, <fields of the method's peft config>}`` (see :mod:`hfx.trainers.peft`)."""
@@ -367,7 +379,7 @@ def validate(config: TrainConfig, task_cls: type) -> None:
     """Checks across fields, done before anything is built."""
     from hfx.trainers.callbacks import CALLBACKS
     from hfx.trainers.checkpoint import previous_run_files, resolve_checkpoint
-    from hfx.trainers.peft import validate_peft
+    from hfx.trainers.peft import validate_freeze, validate_peft
     from hfx.trainers.schedules import SCHEDULES
 
     t = config.train
@@ -396,6 +408,7 @@ def validate(config: TrainConfig, task_cls: type) -> None:
             raise ConfigError(f"output_dir {config.output_dir} already holds a run ({', '.join(previous)}); set "
                               "resume_from_checkpoint=latest to continue it or overwrite_output_dir=true to start over")
     validate_peft(config)  # before the scheduler check: ReLoRA sets its own schedule
+    validate_freeze(config)
     if config.scheduler.name not in SCHEDULES:
         raise ConfigError(f"unknown scheduler.name {config.scheduler.name!r}"
                           f"{_suggest(config.scheduler.name, SCHEDULES, '')}".replace("valid keys", "registered schedules"))

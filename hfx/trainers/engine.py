@@ -39,7 +39,7 @@ from hfx.trainers import checkpoint as ckpt
 from hfx.trainers.callbacks import Callback, build_callbacks
 from hfx.trainers.config import TrainConfig, dump_yaml, load_config, optimizer_config, to_dict
 from hfx.trainers.ema import EMA
-from hfx.trainers.peft import apply_peft
+from hfx.trainers.peft import FreezeRun, apply_peft
 from hfx.trainers.schedules import SCHEDULES
 from hfx.trainers.tasks import get_task
 
@@ -264,8 +264,11 @@ class Trainer:
         task._model_names, task._optimizer_names = list(models), list(groups)
         for model in models.values():
             model.train()
+        freeze = FreezeRun.select(cfg.freeze, models, acc.num_processes, len(groups))  # `freeze:` fine-tuning schedules
         optimizers = {name: build_optimizer([models[m] for m in members], optimizer_config(cfg, name))
                       for name, members in groups.items()}
+        if freeze is not None:
+            self.callbacks.append(freeze.after_optimizers())
 
         train_loader = self._loader(data.train, cfg.train.batch_size, data.collate_fn, shuffle=True)
         eval_loader = None
