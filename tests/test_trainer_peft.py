@@ -319,8 +319,11 @@ def test_freeze_trains_the_head_first_then_everything_and_resumes_exactly(tmp_pa
             torch.testing.assert_close(value, final[key], rtol=0, atol=0, msg=f"{checkpoint}: {key}")
 
 
-def test_freeze_patterns_that_match_nothing_are_named(tmp_path):
+def test_freeze_patterns_and_peft_targets_that_do_not_fit_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"freeze.train_only \['nope'\] matches no trainable parameter"):
         Trainer(tiny_vit(tmp_path, "freeze.train_only=[nope]")).fit()
     with pytest.raises(ConfigError, match=r"freeze.train_only\[0\] '\(' is not a regular expression"):
         tiny_vit(tmp_path, "freeze.train_only=['(']")
+    with pytest.raises(ConfigError, match="peft \\(lora\\) cannot wrap model 'model': Target module") as err:
+        Trainer(tiny_vit(tmp_path, "peft={method: lora, target_modules: [norm]}")).fit()  # a LayerNorm
+    assert "\n" not in str(err.value)

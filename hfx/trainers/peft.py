@@ -225,7 +225,10 @@ def apply_peft(trainer: Trainer, models: dict[str, torch.nn.Module]) -> PeftRun 
             shutil.rmtree(run.base_dir, ignore_errors=True)
             tmp.rename(run.base_dir)
         acc.wait_for_everyone()
-    models[name] = get_peft_model(models[name], run.config)
+    try:
+        models[name] = get_peft_model(models[name], run.config)
+    except (TypeError, ValueError) as err:  # peft's messages span lines (they print whole modules)
+        raise ConfigError(f"peft ({run.method}) cannot wrap model {name!r}: {' '.join(str(err).split())[:400]}") from None
     trainable, total = (sum(p.numel() for p in models[name].parameters() if p.requires_grad),
                         sum(p.numel() for p in models[name].parameters()))
     logger.info("peft %s on model %r: %d of %d parameters trainable (%.2f%%)", run.method, name, trainable, total,
