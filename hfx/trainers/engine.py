@@ -94,7 +94,8 @@ class Trainer:
 
     Callbacks and tasks reach the run through: ``global_step``, ``state``, ``models`` (prepared),
     :meth:`unwrapped`, ``optimizers`` (accelerate-wrapped; ``.optimizer`` is the torch one),
-    ``schedulers``, ``ema``, ``accelerator``, ``config``.
+    ``schedulers``, ``ema``, ``accelerator``, ``config``, ``peft`` (a :class:`~hfx.trainers.peft.PeftRun`
+    when the recipe has a ``peft:`` section, else None).
     """
 
     def __init__(self, config: TrainConfig, callbacks: list[Callback] = ()):
