@@ -327,3 +327,66 @@ def test_freeze_patterns_and_peft_targets_that_do_not_fit_are_named(tmp_path):
     with pytest.raises(ConfigError, match="peft \\(lora\\) cannot wrap model 'model': Target module") as err:
         Trainer(tiny_vit(tmp_path, "peft={method: lora, target_modules: [norm]}")).fit()  # a LayerNorm
     assert "\n" not in str(err.value)
+
+
+DDP_SCRIPT = '''
+import sys
+import torch
+from safetensors.torch import save_file
+from hfx.trainers import Callback, load_config, train
+
+class SaveRankWeights(Callback):
+    """After each checkpoint (written right after a restart here), every rank saves its model's weights."""
+    def on_save(self, trainer, checkpoint_dir):
+        state = {k: v.contiguous() for k, v in trainer.unwrapped("model").state_dict().items()}
+        rank = trainer.accelerator.process_index
+        save_file(state, f"{sys.argv[1]}/rank{rank}-step{trainer.global_step}.safetensors")
+
+train(load_config("lm-stdlib", sys.argv[2:]), callbacks=[SaveRankWeights()])
+'''
+
+
+@pytest.mark.slow
+def test_relora_under_two_process_cpu_ddp_leaves_identical_weights_on_both_ranks(tmp_path):
+    from safetensors.torch import load_file
+
+    from hfx.resources import resource_path
+
+    script = tmp_path / "ddp_relora.py"
+    script.write_text(DDP_SCRIPT)
+    overrides = [f"output_dir={tmp_path / 'run'}", "data.options={max_files: 20}", "task_options.vocab_size=400",
+                 "task_options.block_size=32", "task_options.model_options={hidden_size: 32, intermediate_size: 64, "
+                 "num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2}", "train.max_steps=25",
+                 "train.batch_size=4", "eval.every_steps=null", "eval.at_end=false", "checkpoint.every_steps=10",
+                 "log.report_to=[]", "log.every_steps=5", "scheduler={}",
+                 RELORA.replace("prune_method: magnitude", "prune_method: random")]
+    with socket_port() as port:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(resource_path("training", "accelerate", "cpu-ddp.yaml")), "--main_process_port", str(port),
+                  str(script), str(tmp_path), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "1"}
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in records(tmp_path / "run", "relora/restart")] == [10, 20]
+    for step in (10, 20):
+        rank0 = load_file(tmp_path / f"rank0-step{step}.safetensors")
+        rank1 = load_file(tmp_path / f"rank1-step{step}.safetensors")
+        assert rank0.keys() == rank1.keys() and any("relora_history_A" in k for k in rank0)
+        for key in rank0:
+            assert torch.equal(rank0[key], rank1[key]), f"step {step}: {key} differs between the ranks"
+        b = [v for k, v in rank0.items() if "lora_B" in k]
+        assert b and all(not v.any() for v in b)  # checkpointed right after the restart: B = 0
+
+
+class socket_port:
+    """A free local port for the launcher's rendezvous."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        return None
