@@ -240,11 +240,9 @@ def test_relora_in_the_engine_resumes_exactly_and_reloads_in_a_fresh_process(tmp
     expected = model.eval()(input_ids=IDS).logits
     script = (
         "import sys, torch, hfx\n"
-        "from peft import PeftModel\n"
-        "from transformers import AutoModelForCausalLM\n"
+        "from peft import AutoPeftModelForCausalLM\n"
         "torch.set_num_threads(1)\n"
-        "final = sys.argv[1]\n"
-        "model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(final + '/base'), final).eval()\n"
+        "model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1]).eval()  # the base from final/base\n"
         f"ids = torch.tensor({IDS.tolist()})\n"
         "with torch.no_grad():\n"
         "    torch.save({'adapter': model(input_ids=ids).logits,\n"

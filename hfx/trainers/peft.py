@@ -181,6 +181,12 @@ class PeftRun:
         """``final/``: the adapter of the wrapped model (``adapter_config.json``, ``adapter_model.safetensors``)
         plus ``base/`` (the task's artifact of the untouched base, when ``save_base``). Main process only."""
         peft_model = models[self.model_name]
+        if self.base_dir is not None:
+            # Record where the base will be (``output_dir`` is ``final.tmp``, renamed to ``final`` once complete), so
+            # peft's AutoPeftModel* classes and the model card find it; a moved folder needs its base path again.
+            final = output_dir.with_name(output_dir.name.removesuffix(".tmp"))
+            for config in peft_model.peft_config.values():
+                config.base_model_name_or_path = str((final / "base").resolve())
         peft_model.save_pretrained(output_dir, state_dict=state_dicts[self.model_name])
         if self.base_dir is not None:
             shutil.copytree(self.base_dir, output_dir / "base")
