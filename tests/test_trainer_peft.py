@@ -262,6 +262,9 @@ def test_relora_in_the_engine_resumes_exactly_and_reloads_in_a_fresh_process(tmp
     ("peft={method: relora, relora_steps: 10, restart_warmup_steps: 2}", None),
     ("peft={method: relora, relora_steps: 10}",
      "peft (relora): ReLoraConfig.restart_warmup_steps=100 must be >= 0 and < relora_steps (10)"),
+    ("peft={method: relora, relora_steps: 10, restart_warmup_steps: 2} | ema.enabled=true",
+     "ema.enabled is not supported with peft.method relora (a restart moves the update from the adapter into the "
+     "base weights, so separate averages of the two are not a model)"),
 ])
 def test_bad_peft_fields_are_one_line_config_errors(tmp_path, override, message):
     if message is None:  # ReLoRA refuses a schedule that would not put the LR at 0 at the restarts
@@ -269,7 +272,7 @@ def test_bad_peft_fields_are_one_line_config_errors(tmp_path, override, message)
             tiny_lm(tmp_path, override, "scheduler.name=cosine")
     else:
         with pytest.raises(ConfigError) as err:
-            tiny_lm(tmp_path, override)
+            tiny_lm(tmp_path, *override.split(" | "))
         assert str(err.value) == message
     assert "\n" not in str(err.value)
 

@@ -107,6 +107,9 @@ def validate_peft(config: TrainConfig) -> None:
     if peft_config.full_rank_warmup_steps:
         raise ConfigError("peft.full_rank_warmup_steps is not supported by the engine: train full-rank in a first run, "
                           "then start the ReLoRA run from its final model (task_options.pretrained)")
+    if config.ema.enabled:  # restarts move the update between base and factors: their averages do not add up
+        raise ConfigError("ema.enabled is not supported with peft.method relora (a restart moves the update from the "
+                          "adapter into the base weights, so separate averages of the two are not a model)")
     sched = config.scheduler
     if sched.name not in ("constant", "relora_jagged"):  # constant is the default: the user chose nothing
         raise ConfigError(f"peft.method relora runs its jagged cosine schedule (learning rate 0 at each restart); "
