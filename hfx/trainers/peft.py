@@ -190,7 +190,10 @@ class PeftRun:
             final = output_dir.with_name(output_dir.name.removesuffix(".tmp"))
             for config in peft_model.peft_config.values():
                 config.base_model_name_or_path = str((final / "base").resolve())
-        peft_model.save_pretrained(output_dir, state_dict=state_dicts[self.model_name])
+        # With the base saved beside it, the adapter needs no copy of resized embeddings (peft's "auto" check
+        # would also look for the base config before final/base exists).
+        extra = {"save_embedding_layers": False} if self.base_dir is not None else {}
+        peft_model.save_pretrained(output_dir, state_dict=state_dicts[self.model_name], **extra)
         if self.base_dir is not None:
             shutil.copytree(self.base_dir, output_dir / "base")
 
