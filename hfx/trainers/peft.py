@@ -25,6 +25,9 @@ learning rate at 0), and a callback calls :func:`hfx.peft.relora_restart` with t
 ``relora_steps``-th optimizer step, before that step's checkpoint, logging ``relora/*`` to ``metrics.jsonl``.
 The model's state (base weights with the merged history, history buffers) and the pruned optimizer state are
 in every checkpoint, so a resumed run continues exactly.
+
+Fine-tuning schedules (``freeze: {train_only: [regex, ...], unfreeze_at_step: N}``, :class:`FreezeRun`): only the
+trainable parameters whose ``<model>.<parameter>`` name matches a pattern train, the others join after N steps.
 """
 
 from __future__ import annotations
