@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import sys
 import tempfile
 
 # Set before any HF library is imported, so none of them can reach the Hub or write to the user's cache.
@@ -56,6 +57,24 @@ def _guarded(real):
 
     connect.hfx_network_guard = True
     return connect
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate's state is a process-wide singleton: every test starts and ends with a clean one, so
+    a run's mixed precision or accumulation never leaks into the next. (Nothing to do before accelerate
+    is first imported.)"""
+
+    def reset():
+        if "accelerate.state" in sys.modules:
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+
+    reset()
+    yield
+    reset()
 
 
 @pytest.fixture(autouse=True)

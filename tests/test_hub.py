@@ -47,14 +47,6 @@ def fast_retries(monkeypatch):
     monkeypatch.setattr(publish_module, "RETRY_BASE_SECONDS", 0.01)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: on a shared 2-core machine a second intra-op thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ------------------------------------------------------------------------------------------ artifacts
 def tiny_vae(seed: int) -> HfxVAEModel:

@@ -26,15 +26,6 @@ from hfx.metrics import (
 from hfx.metrics.functional import mmd2_unbiased
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: with several threads, hand-off costs dominate (tenfold on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def correlated_features(n: int, d: int, seed: int, shift: float = 0.0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     mixing = rng.normal(size=(d, d)) / np.sqrt(d)

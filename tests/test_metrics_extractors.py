@@ -24,16 +24,6 @@ from hfx.metrics.extractors import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks see a few tiny images: with several threads, hand-off costs dominate (tenfold on a
-    busy 2-core machine), so run them on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_images(n: int, size: int = 40, channels: int = 3, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, channels, size, size), generator=torch.Generator().manual_seed(seed),
                          dtype=torch.uint8)

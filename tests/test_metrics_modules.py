@@ -28,13 +28,6 @@ GENERATED = RNG.normal(size=(40, 6))
 REFERENCE = RNG.normal(size=(55, 6)) + 0.3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread hand-off would dominate on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_every_module_loads_offline_and_equals_the_direct_class(tmp_path):
     from hfx.metrics.lpips import LPIPS

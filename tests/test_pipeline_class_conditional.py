@@ -30,14 +30,6 @@ NULL = NUM_CLASSES
 NAMES = [f"digit-{i}" for i in range(NUM_CLASSES)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny: on a shared 2-core machine a second intra-op thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_unet(seed: int = 0, cls=UNet2DModel) -> UNet2DModel:
     torch.manual_seed(seed)

@@ -32,14 +32,6 @@ from hfx.peft import (
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These models are tiny: a second intra-op thread only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     config = LlamaConfig(

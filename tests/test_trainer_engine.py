@@ -24,22 +24,6 @@ from hfx.trainers import (
 )
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """The accelerator state is a process-wide singleton: every run here starts from a clean one. One
-    thread: these models are tiny, and on a shared 2-core machine thread pools only add waiting."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
-
-
 def tiny_vit(tmp_path: Path, *overrides: str) -> dict:
     """image-classification on 8x8 digits with a 1-block ViT: no batch norm, so a batch's gradient does
     not depend on how the batch is split (accumulation, processes)."""

@@ -17,21 +17,6 @@ import torch
 from hfx.trainers import Callback, ConfigError, Trainer, load_config
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """One clean accelerator state per run and one thread (tiny models on a shared 2-core machine)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
-
-
 def tiny_lm(out: Path, *overrides: str):
     """lm-stdlib with a 1-block Llama of width 32 on 20 files, 32-token blocks."""
     return load_config("lm-stdlib", [
