@@ -25,6 +25,8 @@ learning rate at 0), and a callback calls :func:`hfx.peft.relora_restart` with t
 ``relora_steps``-th optimizer step, before that step's checkpoint, logging ``relora/*`` to ``metrics.jsonl``.
 The model's state (base weights with the merged history, history buffers) and the pruned optimizer state are
 in every checkpoint, so a resumed run continues exactly.
+With ``full_rank_warmup_steps: N`` (:class:`FullRankWarmStart`) the base trains full-rank for N steps first,
+then ReLoRA takes over in the same run (one process); ``final/base`` is then the warm-started base.
 
 Fine-tuning schedules (``freeze: {train_only: [regex, ...], unfreeze_at_step: N}``, :class:`FreezeRun`): only the
 trainable parameters whose ``<model>.<parameter>`` name matches a pattern train, the others join after N steps.
@@ -107,9 +109,17 @@ def validate_peft(config: TrainConfig) -> None:
         raise ConfigError(f"config key 'peft.save_base' must be true or false, got {config.peft['save_base']!r}")
     if not isinstance(peft_config, ReLoraConfig):
         return
-    if peft_config.full_rank_warmup_steps:
-        raise ConfigError("peft.full_rank_warmup_steps is not supported by the engine: train full-rank in a first run, "
-                          "then start the ReLoRA run from its final model (task_options.pretrained)")
+    warm = peft_config.full_rank_warmup_steps
+    if warm:
+        max_steps = config.train.max_steps
+        if max_steps is not None and warm >= max_steps:
+            raise ConfigError(f"peft.full_rank_warmup_steps={warm} leaves no ReLoRA step (train.max_steps={max_steps})")
+        if config.peft.get("save_base", True) is not True:
+            raise ConfigError("peft.full_rank_warmup_steps trains the base model itself, which final/base must then "
+                              "hold: peft.save_base must be true")
+        if config.freeze.train_only:
+            raise ConfigError("peft.full_rank_warmup_steps cannot be combined with freeze.train_only (both decide "
+                              "which parameters train when)")
     if config.ema.enabled:  # restarts move the update between base and factors: their averages do not add up
         raise ConfigError("ema.enabled is not supported with peft.method relora (a restart moves the update from the "
                           "adapter into the base weights, so separate averages of the two are not a model)")
@@ -123,19 +133,22 @@ def validate_peft(config: TrainConfig) -> None:
             raise ConfigError(f"scheduler.{key}={theirs} conflicts with ReLoRA's {key}={ours}: set peft.{key} "
                               f"(the jagged schedule reads it there)")
     sched.name, sched.warmup_steps, sched.min_lr_ratio = "relora_jagged", peft_config.warmup_steps, peft_config.min_lr_ratio
-    sched.options = {"relora_steps": peft_config.relora_steps, "restart_warmup_steps": peft_config.restart_warmup_steps}
+    sched.options = {"relora_steps": peft_config.relora_steps, "restart_warmup_steps": peft_config.restart_warmup_steps,
+                     "first_restart_offset": warm}
 
 
 @register_schedule("relora_jagged")
 def relora_jagged_schedule(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,
-                           min_lr_ratio: float = 0.1, relora_steps: int, restart_warmup_steps: int = 0):
+                           min_lr_ratio: float = 0.1, relora_steps: int, restart_warmup_steps: int = 0,
+                           first_restart_offset: int = 0):
     """ReLoRA's jagged cosine (:func:`hfx.peft.get_jagged_cosine_schedule`) as an engine schedule: options
-    ``relora_steps`` and ``restart_warmup_steps``; the multiplier is 0 right after each restart."""
+    ``relora_steps``, ``restart_warmup_steps`` and ``first_restart_offset`` (the full-rank warm start); the
+    multiplier is 0 right after each restart and right after the switch from full-rank to ReLoRA."""
     from hfx.peft import get_jagged_cosine_schedule
 
     return get_jagged_cosine_schedule(optimizer, num_training_steps=total_steps, relora_steps=relora_steps,
                                       restart_warmup_steps=restart_warmup_steps, warmup_steps=warmup_steps,
-                                      min_lr_ratio=min_lr_ratio)
+                                      min_lr_ratio=min_lr_ratio, first_restart_offset=first_restart_offset)
 
 
 class ReLoraRestarts(Callback):
@@ -143,15 +156,17 @@ class ReLoraRestarts(Callback):
     one), on every process, and logs what it did as ``relora/*`` in ``metrics.jsonl``. ``restarts`` holds the
     :class:`hfx.peft.ReLoraRestartStats` of this process's run (not those before a resume)."""
 
-    def __init__(self, model_name: str, optimizer_name: str, relora_steps: int):
+    def __init__(self, model_name: str, optimizer_name: str, relora_steps: int, first_restart_offset: int = 0):
         self.model_name, self.optimizer_name, self.relora_steps = model_name, optimizer_name, relora_steps
+        self.first_restart_offset = first_restart_offset
         self.restarts = []
 
     def on_step_end(self, trainer: Trainer) -> None:
         from hfx.peft import is_restart_step, relora_config_of, relora_layers, relora_restart
 
         step = trainer.global_step
-        if not is_restart_step(step, relora_steps=self.relora_steps) or step >= trainer.total_steps:
+        if not is_restart_step(step, relora_steps=self.relora_steps, first_restart_offset=self.first_restart_offset) \
+                or step >= trainer.total_steps:
             return
         model = trainer.unwrapped(self.model_name)
         stats = relora_restart(model, trainer.optimizers[self.optimizer_name], step=step)
@@ -181,7 +196,9 @@ class PeftRun:
         if not isinstance(self.config, ReLoraConfig):
             return []
         optimizer = next(name for name, members in groups.items() if self.model_name in members)
-        return [ReLoraRestarts(self.model_name, optimizer, self.config.relora_steps)]
+        warm = self.config.full_rank_warmup_steps
+        restarts = ReLoraRestarts(self.model_name, optimizer, self.config.relora_steps, first_restart_offset=warm)
+        return [FullRankWarmStart(self, optimizer, warm), restarts] if warm else [restarts]
 
     def save(self, models: dict[str, torch.nn.Module], state_dicts: dict[str, dict], output_dir: Path) -> None:
         """``final/``: the adapter of the wrapped model (``adapter_config.json``, ``adapter_model.safetensors``)
@@ -244,11 +261,119 @@ def apply_peft(trainer: Trainer, models: dict[str, torch.nn.Module]) -> PeftRun 
         models[name] = get_peft_model(models[name], run.config)
     except (TypeError, ValueError) as err:  # peft's messages span lines (they print whole modules)
         raise ConfigError(f"peft ({run.method}) cannot wrap model {name!r}: {' '.join(str(err).split())[:400]}") from None
+    if getattr(run.config, "full_rank_warmup_steps", 0):
+        if acc.num_processes > 1:
+            raise ConfigError("peft.full_rank_warmup_steps runs in one process only: DDP would not synchronise the "
+                              "gradients of the parameters that stop (or start) training at the switch")
+        # Every base parameter joins the optimizer now; FullRankWarmStart decides which of them train when.
+        for p in FullRankWarmStart.base_parameters(models[name]):
+            p.requires_grad_(True)
     trainable, total = (sum(p.numel() for p in models[name].parameters() if p.requires_grad),
                         sum(p.numel() for p in models[name].parameters()))
     logger.info("peft %s on model %r: %d of %d parameters trainable (%.2f%%)", run.method, name, trainable, total,
                 100 * trainable / max(total, 1))
     return run
+
+
+class FullRankWarmStart(Callback):
+    """ReLoRA's full-rank warm start (``peft.full_rank_warmup_steps: N``) inside one engine run.
+
+    The model is wrapped with ReLoRA from the start and the optimizer holds every parameter, but for the first
+    ``N`` steps only the base model's own parameters train (all of them, the wrapped linears' weights included;
+    ``modules_to_save`` train through their trainable copies) while the LoRA factors get no gradient, so B = 0 and
+    the model is the plain base. After step ``N`` (where the jagged schedule puts the learning rate at 0) the
+    switch: the base parameters stop training and their optimizer state is freed, the LoRA factors train, and
+    the restarts follow at ``N + k * relora_steps``. An optimizer gives a parameter without a gradient no step, no
+    state and no weight decay, so this is exactly "train full-rank, then ReLoRA" with one optimizer, one
+    checkpoint format and an exact resume on both sides of the switch.
+
+    At the switch the warm-started base (the model as it is then, without its adapter) is written with the
+    task's ``save`` to ``<output_dir>/warm_base`` (atomically); ``final/base`` is that model, so
+    ``PeftModel.from_pretrained(<final/base>, final)`` rebuilds the trained model (the saved merge history holds
+    only the updates after the switch).
+    """
+
+    state_key = "relora_full_rank_warm_start"
+
+    def __init__(self, run: PeftRun, optimizer_name: str, switch_step: int):
+        self.run, self.optimizer_name, self.switch_step = run, optimizer_name, switch_step
+
+    @staticmethod
+    def base_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The parameters of the wrapped base model that the adapter does not train: not the LoRA factors, not
+        the untouched originals that ``modules_to_save`` keeps (their trainable copies train in both phases)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        skip = set()
+        for module in model.modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                skip.update(id(p) for p in module.parameters())  # originals and trainable copies alike
+            elif isinstance(module, BaseTunerLayer):
+                base = module.get_base_layer()
+                adapter = {id(p) for p in module.parameters()} - {id(p) for p in base.parameters()}
+                skip.update(adapter)
+        return [p for p in model.parameters() if id(p) not in skip]
+
+    def _lora_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        from hfx.peft import relora_config_of, relora_layers
+
+        adapter, _ = relora_config_of(model)
+        return [p for layer in relora_layers(model, adapter) for p in (layer.lora_A[adapter].weight,
+                                                                       layer.lora_B[adapter].weight)]
+
+    def _set_phase(self, trainer: Trainer, switched: bool) -> None:
+        model = trainer.unwrapped(self.run.model_name)
+        base, lora = self.base_parameters(model), self._lora_parameters(model)
+        for p in base:
+            p.requires_grad_(not switched)
+        for p in lora:
+            p.requires_grad_(switched)
+        if switched:
+            optimizer = trainer.optimizers[self.optimizer_name]
+            state = getattr(optimizer, "optimizer", optimizer).state
+            for p in base:  # the full-rank moments are what ReLoRA saves memory on
+                state.pop(p, None)
+            self.run.base_dir = trainer.output_dir / "warm_base"
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        if self.switch_step >= trainer.total_steps:
+            raise ConfigError(f"peft.full_rank_warmup_steps={self.switch_step} leaves no ReLoRA step (the run has "
+                              f"{trainer.total_steps} steps)")
+        switched = trainer.global_step >= self.switch_step
+        if switched and not (trainer.output_dir / "warm_base").is_dir():
+            raise FileNotFoundError(f"{trainer.output_dir / 'warm_base'} (the base after the full-rank warm start, "
+                                    "written at the switch) is missing: the run cannot resume after the switch")
+        self._set_phase(trainer, switched)
+        if not switched:
+            logger.info("ReLoRA full-rank warm start: the base model trains full-rank for %d steps", self.switch_step)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.global_step != self.switch_step:
+            return
+        if trainer.accelerator.is_main_process:
+            self._save_warm_base(trainer)
+        trainer.accelerator.wait_for_everyone()
+        self._set_phase(trainer, switched=True)
+        model = trainer.unwrapped(self.run.model_name)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.info("ReLoRA full-rank warm start done at step %d: %d parameters train from now on", self.switch_step,
+                    trainable)
+        trainer._record({"step": trainer.global_step, "relora/switch_to_low_rank": 1, "relora/trainable": trainable})
+
+    def _save_warm_base(self, trainer: Trainer) -> None:
+        import copy
+
+        # A copy without the adapter: B = 0 here, so the base layers alone compute what the model computes, and
+        # unload() puts the trained copies of modules_to_save in place of the originals.
+        plain = copy.deepcopy(trainer.unwrapped(self.run.model_name)).unload()
+        target = trainer.output_dir / "warm_base"
+        tmp = target.with_name("warm_base.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        trainer.task.save({self.run.model_name: plain}, {self.run.model_name: plain.state_dict()}, tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
 
 
 # ---------------------------------------------------------------------------------------- freeze schedules

@@ -28,12 +28,18 @@ class _HistoryDict(BufferDict):
     def __init__(self):
         super().__init__(persistent=True)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs):
         for name, buffer in list(self._buffers.items()):
             incoming = state_dict.get(prefix + name)
             if incoming is not None and incoming.shape != buffer.shape:
                 self._buffers[name] = buffer.new_empty(incoming.shape)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
+        # Accelerate's save_state keeps one of several tensors that share a storage, and every empty tensor
+        # shares "no storage": a checkpoint written before the first restart lacks all but one of the empty
+        # histories. An empty history that is not in the state dict stays empty, which is what was saved.
+        for name, buffer in self._buffers.items():
+            if buffer.numel() == 0 and prefix + name not in state_dict and prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
 
 
 class ReLoraLinear(lora_layer.Linear):
