@@ -47,7 +47,7 @@ def build() -> tuple[ClassConditionalPipeline, LatentDiffusionPipeline]:
                               sample_size=16 // factor, in_channels=vae.config.latent_channels,
                               out_channels=vae.config.latent_channels, num_class_embeds=11)
     pixel = ClassConditionalPipeline(pixel_unet.eval(), DDIMScheduler(), class_names=names)
-    latent = LatentDiffusionPipeline(vae, latent_unet.eval(), DDIMScheduler(), class_names=names)
+    latent = LatentDiffusionPipeline(vae, latent_unet.eval(), DDIMScheduler(clip_sample=False), class_names=names)
     for pipe in (pixel, latent):
         pipe.set_progress_bar_config(disable=True)
     return pixel, latent

@@ -153,7 +153,7 @@ def test_vae_task_warms_up_kl_and_saves_a_scaled_automodel(tmp_path):
 
     model = AutoModel.from_pretrained(result.final_dir)
     assert isinstance(model, HfxVAEModel) and model.config.num_classes == 10
-    # scaling_factor is 1 / std of the posterior means of the training images
+    # scaling_factor is 1 / std of posterior samples of the training images (not of the narrower means)
     from hfx.trainers.tasks import get_task
 
     task = get_task("vae")(vae_config(tmp_path / "again"), None)
@@ -162,8 +162,10 @@ def test_vae_task_warms_up_kl_and_saves_a_scaled_automodel(tmp_path):
     pixels = torch.stack([row["pixel_values"] for row in first])
     labels = torch.stack([row["labels"] for row in first])
     with torch.no_grad():
-        means = model.encode(pixels, labels).latent_dist.mean
-    assert model.config.scaling_factor == pytest.approx(1 / means.std().item(), rel=1e-4)
+        dist = model.encode(pixels, labels).latent_dist
+        samples = dist.sample(torch.Generator().manual_seed(1))
+    assert model.config.scaling_factor == pytest.approx(1 / samples.std().item(), rel=0.03)
+    assert model.config.scaling_factor < 0.97 / dist.mean.std().item()
 
 
 def test_vae_rejects_bad_model_options(tmp_path):
@@ -205,6 +207,8 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
 def test_latent_diffusion_on_a_trained_vae(tmp_path):
     """`latent_vae` trains the UNet on the VAE's latents and saves a LatentDiffusionPipeline that decodes
     them to images; the pipeline reloads with identical samples."""
+    from diffusers import DDIMScheduler
+
     from hfx.pipelines import LatentDiffusionPipeline
 
     vae_run = train(vae_config(tmp_path / "vae", "train.max_steps=5", "eval.every_steps=null"))
@@ -216,6 +220,10 @@ def test_latent_diffusion_on_a_trained_vae(tmp_path):
         json.loads((Path(vae_run.final_dir) / "config.json").read_text())["scaling_factor"])
     images = pipe([0, 9], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert images.shape == (2, 1, 8, 8)
+    # latents are scaled to unit variance, not to [-1, 1]: the saved scheduler must not clip x_0 to that range
+    assert pipe.scheduler.config.clip_sample is False
+    with pytest.raises(ValueError, match="clip_sample=True"):
+        LatentDiffusionPipeline(pipe.vae, pipe.unet, DDIMScheduler())
     again = LatentDiffusionPipeline.from_pretrained(run.final_dir)
     torch.testing.assert_close(
         again([0, 9], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images,

@@ -50,6 +50,10 @@ class LatentDiffusionPipeline(ClassConditionalPipeline):
         if latent_channels != unet.config.in_channels:
             raise ValueError(f"the unet takes {unet.config.in_channels} channels but the vae's latents have "
                              f"{latent_channels}: train the unet on this vae's latents")
+        if scheduler.config.get("clip_sample", False):
+            raise ValueError(f"{type(scheduler).__name__} has clip_sample=True, which clips every predicted x_0 to "
+                             "[-1, 1]: right for pixels, wrong for latents. Pass the scheduler with clip_sample=False "
+                             "(e.g. DDIMScheduler.from_config(scheduler.config, clip_sample=False))")
         self.register_modules(vae=vae)
 
     @property

@@ -35,16 +35,17 @@ import torch.nn.functional as F
 
 from hfx.trainers.callbacks import Callback
 from hfx.trainers.tasks.base import Task, TaskData, register_task
-from hfx.trainers.tasks.images import build_image_data
+from hfx.trainers.tasks.images import ImageColumns, build_image_data
 
 logger = logging.getLogger(__name__)
 
-# The UNet of the digits demo: 1.1 M parameters, channels 32/64/64, self-attention at the middle level.
+# The UNet of the digits demo: 1.1 M parameters, channels 32/64/64, self-attention at the lowest level (4x4
+# for 16x16 images): a training step costs 0.43 s on this 2-core CPU, against 0.50 s with attention at 8x8.
 DEFAULT_UNET: dict[str, Any] = {
     "layers_per_block": 1,
     "block_out_channels": [32, 64, 64],
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
     "norm_num_groups": 8,
     "attention_head_dim": 8,
 }
@@ -60,11 +61,7 @@ class NoiseScheduleOptions:
 
 
 @dataclass
-class DiffusionOptions(NoiseScheduleOptions):
-    image_column: str = "image"
-    label_column: str = "label"
-    image_size: int | None = None
-    """Resize (square) to this side; None keeps the dataset's size."""
+class DiffusionOptions(NoiseScheduleOptions, ImageColumns):
     unet: dict[str, Any] = field(default_factory=dict)
     """``UNet2DModel`` keyword arguments over :data:`DEFAULT_UNET` (sizes, channels and classes are set
     from the data)."""
@@ -83,10 +80,7 @@ class DiffusionOptions(NoiseScheduleOptions):
 
 
 @dataclass
-class NoisyClassifierOptions(NoiseScheduleOptions):
-    image_column: str = "image"
-    label_column: str = "label"
-    image_size: int | None = None
+class NoisyClassifierOptions(NoiseScheduleOptions, ImageColumns):
     classifier: dict[str, Any] = field(default_factory=dict)
     """``NoisyClassifier`` keyword arguments (sizes, channels and classes are set from the data)."""
     diffusion_pipeline: str | None = None
@@ -94,8 +88,11 @@ class NoisyClassifierOptions(NoiseScheduleOptions):
     config replaces the options above)."""
 
 
-def noise_scheduler(opts: NoiseScheduleOptions):
-    """The training ``DDPMScheduler`` of ``opts`` (or of ``opts.diffusion_pipeline``, when set)."""
+def noise_scheduler(opts: NoiseScheduleOptions, clip_sample: bool = True):
+    """The training ``DDPMScheduler`` of ``opts`` (or of ``opts.diffusion_pipeline``, when set).
+
+    ``clip_sample`` clips the predicted ``x_0`` to [-1, 1] while sampling: right for pixels, wrong for latents
+    (scaled to unit variance, not to a range), so latent diffusion switches it off."""
     from diffusers import DDPMScheduler
 
     pipeline = getattr(opts, "diffusion_pipeline", None)
@@ -104,7 +101,7 @@ def noise_scheduler(opts: NoiseScheduleOptions):
             raise FileNotFoundError(f"task_options.diffusion_pipeline {pipeline!r} has no scheduler/ folder")
         return DDPMScheduler.from_pretrained(pipeline, subfolder="scheduler")
     return DDPMScheduler(num_train_timesteps=opts.num_train_timesteps, beta_schedule=BETA_SCHEDULES[opts.beta_schedule],
-                         prediction_type=opts.prediction_type, clip_sample=True)
+                         prediction_type=opts.prediction_type, clip_sample=clip_sample)
 
 
 def load_vae(path: str):
@@ -180,8 +177,7 @@ class DiffusionTask(Task):
         opts = self.options
         if not 0.0 <= opts.label_dropout < 1.0:
             raise ValueError(f"task_options.label_dropout must be in [0, 1), got {opts.label_dropout}")
-        data, self.info = build_image_data(self, image_column=opts.image_column, label_column=opts.label_column,
-                                           image_size=opts.image_size)
+        data, self.info = build_image_data(self)
         self.vae = None
         if opts.latent_vae:
             self.vae = load_vae(opts.latent_vae)
@@ -197,7 +193,7 @@ class DiffusionTask(Task):
         from diffusers import UNet2DModel
 
         opts, info = self.options, self.info
-        self.scheduler = noise_scheduler(opts)
+        self.scheduler = noise_scheduler(opts, clip_sample=self.vae is None)
         side, channels = info.size, info.channels
         if self.vae is not None:
             factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -325,9 +321,7 @@ class NoisyClassifierTask(Task):
     hub_task_type = "image-classification"
 
     def build_data(self) -> TaskData:
-        opts = self.options
-        data, self.info = build_image_data(self, image_column=opts.image_column, label_column=opts.label_column,
-                                           image_size=opts.image_size)
+        data, self.info = build_image_data(self)
         return data
 
     def build_models(self) -> dict[str, torch.nn.Module]:

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from hfx.trainers.tasks.base import Task, TaskData, register_task
-from hfx.trainers.tasks.images import build_image_data
+from hfx.trainers.tasks.images import ImageColumns, build_image_data
 
 
 @dataclass
-class ImageClassificationOptions:
+class ImageClassificationOptions(ImageColumns):
     model: str = "timm:resnet10t"
     """``timm:<name>``, a transformers model type, or (with ``pretrained``) a folder / Hub name."""
     model_options: dict[str, Any] = field(default_factory=dict)
@@ -38,10 +38,6 @@ class ImageClassificationOptions:
     pretrained: bool = False
     weights: str | None = None
     """timm only: a local weights file to start from (offline alternative to ``pretrained``)."""
-    image_column: str = "image"
-    label_column: str = "label"
-    image_size: int | None = None
-    """Resize (square) to this side; None keeps the dataset's size."""
     mean: float = 0.5
     std: float = 0.5
     label_smoothing: float = 0.0
@@ -84,8 +80,7 @@ class ImageClassificationTask(Task):
 
     def build_data(self) -> TaskData:
         opts = self.options
-        data, info = build_image_data(self, image_column=opts.image_column, label_column=opts.label_column,
-                                      image_size=opts.image_size, mean=opts.mean, std=opts.std)
+        data, info = build_image_data(self, mean=opts.mean, std=opts.std)
         self.label_names, self.mode, self.channels, self.size = info.label_names, info.mode, info.channels, info.size
         return data
 

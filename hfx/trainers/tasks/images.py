@@ -22,15 +22,29 @@ class ImageDataInfo:
     size: int
 
 
-def build_image_data(task: Task, *, image_column: str = "image", label_column: str = "label",
-                     image_size: int | None = None, mean: float = 0.5, std: float = 0.5
+@dataclass
+class ImageColumns:
+    """The ``task_options`` every image task has: which columns hold the images and labels, and their size.
+    Image tasks' options dataclasses derive from it."""
+
+    image_column: str = "image"
+    label_column: str = "label"
+    image_size: int | None = None
+    """Resize (square) to this side; None keeps the dataset's size."""
+
+
+def build_image_data(task: Task, *, image_size: int | None = None, mean: float = 0.5, std: float = 0.5
                      ) -> tuple[TaskData, ImageDataInfo]:
     """Load ``task``'s dataset (``data.*`` of the recipe) as batches of ``pixel_values`` (B, C, S, S), equal
-    to ``(pixels / 255 - mean) / std`` (the defaults give [-1, 1]), and ``labels`` (B,).
+    to ``(pixels / 255 - mean) / std`` (the defaults give [-1, 1]), and ``labels`` (B,). The columns and the
+    side come from ``task.options`` (an :class:`ImageColumns`); ``image_size`` overrides the side.
 
     Raises:
         ValueError: a column the dataset does not have (the message lists the columns it has).
     """
+    columns: ImageColumns = task.options
+    image_column, label_column = columns.image_column, columns.label_column
+    image_size = image_size or columns.image_size
     cfg = task.config.data
     dataset = task.load_dataset()
     train = dataset[cfg.train_split]

@@ -7,8 +7,9 @@ whatever beta is), its reconstruction and KL terms, and writes grids of reconstr
 ``samples/`` (and TensorBoard). With ``evaluator`` set (a classifier saved by the ``image-classification``
 task), a conditional VAE's samples for each class are classified and ``sample_accuracy`` reported.
 
-The saved model carries ``scaling_factor = 1 / std`` of the posterior means of the training images, so a
-latent diffusion model trained on ``z * scaling_factor`` sees unit-variance inputs.
+The saved model carries ``scaling_factor = 1 / std`` of posterior samples of the training images (of the
+means, for an autoencoder), as Rombach et al. measure it: a latent diffusion model trained on
+``z * scaling_factor`` sees unit-variance inputs.
 """
 
 from __future__ import annotations
@@ -21,14 +22,11 @@ import torch
 
 from hfx.trainers.tasks.base import Task, TaskData, register_task
 from hfx.trainers.tasks.diffusion import _KeepTrainer
-from hfx.trainers.tasks.images import TrainedImageClassifier, build_image_data, image_grid
+from hfx.trainers.tasks.images import ImageColumns, TrainedImageClassifier, build_image_data, image_grid
 
 
 @dataclass
-class VAEOptions:
-    image_column: str = "image"
-    label_column: str = "label"
-    image_size: int | None = None
+class VAEOptions(ImageColumns):
     model: dict[str, Any] = field(default_factory=dict)
     """``HfxVAEConfig`` fields (image size and channels come from the data)."""
     conditional: bool = False
@@ -53,8 +51,7 @@ class VAETask(Task):
         opts = self.options
         if opts.kl_warmup_steps < 0:
             raise ValueError(f"task_options.kl_warmup_steps must be >= 0, got {opts.kl_warmup_steps}")
-        data, self.info = build_image_data(self, image_column=opts.image_column, label_column=opts.label_column,
-                                           image_size=opts.image_size)
+        data, self.info = build_image_data(self)
         self.train_set = data.train
         return data
 
@@ -159,14 +156,17 @@ class VAETask(Task):
 
     @torch.no_grad()
     def latent_scaling_factor(self, model) -> float:
-        """1 / std of the posterior means of up to ``scaling_samples`` training images."""
+        """1 / std of the latents of up to ``scaling_samples`` training images: posterior samples (what a
+        latent diffusion model trains on), or the means for a deterministic autoencoder."""
         n = min(self.options.scaling_samples, len(self.train_set))
         loader = torch.utils.data.DataLoader(self.train_set.select(range(n)), batch_size=256)
-        means = []
+        generator = torch.Generator(model.device).manual_seed(0)
+        latents = []
         for batch in loader:
             labels = batch["labels"].to(model.device) if self.options.conditional else None
-            means.append(model.encode(batch["pixel_values"].to(model.device), labels).latent_dist.mean.float())
-        return float(1.0 / torch.cat(means).std().clamp_min(1e-6))
+            dist = model.encode(batch["pixel_values"].to(model.device), labels).latent_dist
+            latents.append((dist.mode() if model.deterministic else dist.sample(generator)).float())
+        return float(1.0 / torch.cat(latents).std().clamp_min(1e-6))
 
     def save(self, models, state_dicts, output_dir: Path) -> None:
         from hfx.models.vae import HfxVAEModel
