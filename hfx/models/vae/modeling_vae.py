@@ -146,10 +146,12 @@ class HfxVAEPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ResnetBlock"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        # PyTorch's defaults for convs and norms; the label embedding starts small so an untrained
-        # CVAE is close to the unconditional one.
+        # PyTorch's defaults for convs and norms, and a unit-variance label embedding: one as loud as the
+        # latent from the first step. Started small (std 0.02), the decoder learned to read the digit from z
+        # before it read the label, and a CVAE's prior samples ignored the asked class (20.6 % of them
+        # classified as asked on the digits, against 98 % with this init and gaussian_std 0.5).
         if isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
+            nn.init.normal_(module.weight, std=1.0)
 
 
 class HfxVAEModel(HfxVAEPreTrainedModel):
