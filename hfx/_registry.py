@@ -19,6 +19,17 @@ AUTO_MODELS: list[tuple[str, dict[str, str]]] = [
 # pipeline saved by hfx (diffusers looks components up in sys.modules and never imports them).
 MODULES_TO_IMPORT: list[str] = ["hfx.peft", "hfx.pipelines"]
 
+# Callbacks every training run gets unless its caller passes one of the same class. The model card is the
+# Hub layer's (``hfx.hub`` renders every card), and the engine sits below it and may not import it: the
+# engine finds the card writer here, by name, instead.
+DEFAULT_TRAIN_CALLBACKS: list[str] = ["hfx.hub.callback:HubCallback"]
+
+
+def default_train_callbacks(given: list) -> list:
+    """Instances of the :data:`DEFAULT_TRAIN_CALLBACKS` that ``given`` has no instance of."""
+    classes = [_resolve(path) for path in DEFAULT_TRAIN_CALLBACKS]
+    return [cls() for cls in classes if not any(isinstance(callback, cls) for callback in given)]
+
 
 def _resolve(dotted: str):
     module, _, name = dotted.partition(":")

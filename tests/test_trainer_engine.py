@@ -270,6 +270,14 @@ def test_image_classification_timm_artifact_reloads(tmp_path):
     torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=0)
     card = (tmp_path / "final" / "README.md").read_text()
     assert "image-classification" in card and "accuracy" in card and "local-dir:" in card
+    # the card is hfx.hub's (every run gets its callback, once; a caller's own HubCallback replaces it)
+    from hfx.hub import HubCallback
+    from hfx.hub.cards import MARKER
+
+    assert MARKER in card and [type(c) for c in trainer.callbacks].count(HubCallback) == 1
+    again = Trainer(tiny_vit(tmp_path / "again", "train.max_steps=1"), callbacks=[HubCallback(eval_num_samples=7)])
+    again.fit()
+    assert [type(c) for c in again.callbacks].count(HubCallback) == 1
 
 
 def test_image_classification_transformers_model_type_reloads(tmp_path):

@@ -1,8 +1,9 @@
 """The end of a training run, seen from the Hub: render the model card and optionally push.
 
-The engine (``hfx.trainers``) sits below ``hfx.hub`` and may not import it, so the run's caller adds this
-callback: ``train(config, callbacks=[HubCallback(push_to_hub="user/name")])``. It runs after the final
-artifact and ``results.json`` are written, on the main process only.
+Every run gets a ``HubCallback`` (the engine, which sits below ``hfx.hub`` and may not import it, finds it
+in ``hfx._registry.DEFAULT_TRAIN_CALLBACKS``); pass your own to push:
+``train(config, callbacks=[HubCallback(push_to_hub="user/name")])``. It runs after the final artifact and
+``results.json`` are written, on the main process only.
 """
 
 from __future__ import annotations
@@ -53,13 +54,21 @@ class HubCallback(Callback):
         # What the task says about its artifact: card facts by name (``model_summary`` is the summary); a
         # load snippet only when written for any location (REPO_OR_PATH), else the generated one is better.
         extra = dict(trainer.task.card(dict(trainer.last_eval)) or {})
+        if trainer.peft is not None:  # final/ holds an adapter: its summary, not the full model's
+            extra = trainer.peft.card(extra)
         if "model_summary" in extra:
             extra.setdefault("summary", extra.pop("model_summary"))
         if "REPO_OR_PATH" not in str(extra.get("load_snippet", "REPO_OR_PATH")):
             extra.pop("load_snippet")
         facts.update({key: value for key, value in extra.items() if key in FACT_KEYS})
         facts.update(self.facts)
-        self.card_path = render_card(trainer.output_dir, **facts)
+        try:
+            self.card_path = render_card(trainer.output_dir, **facts)
+        except FileNotFoundError as err:  # an artifact kind the Hub layer does not know (a custom task's)
+            if self.push_to_hub:
+                raise
+            logger.warning("no model card written: %s", err)
+            return
         logger.info("wrote the model card %s", self.card_path)
         if self.push_to_hub:
             self.commit_url = push(trainer.output_dir, self.push_to_hub, private=self.private, revision=self.revision)

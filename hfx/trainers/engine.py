@@ -7,8 +7,8 @@ of a batch, its evaluation and its artifact. Launch with ``hfx train CONFIG key=
 ``accelerate launch [--config_file training/accelerate/<setup>.yaml] -m hfx train CONFIG``.
 
 Everything a run writes goes into ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl``,
-``logs/`` (TensorBoard), ``checkpoint-<step>/`` and ``final/`` (the task's ``save_pretrained`` artifact with
-a model card). A checkpoint holds models, optimizers, grad scaler and RNG states (``accelerator.save_state``)
+``logs/`` (TensorBoard), ``checkpoint-<step>/`` and ``final/`` (the task's ``save_pretrained`` artifact; its
+model card is rendered at the end by ``hfx.hub``'s callback, which every run gets). A checkpoint holds models, optimizers, grad scaler and RNG states (``accelerator.save_state``)
 plus schedulers, EMA, callback state and the counters (step, epoch, batches consumed in the epoch), so a
 resumed run continues exactly as the uninterrupted one: the sampler is accelerate's seedable sampler
 (same order every run) and the loader has its own generator, so no data-side draw shifts the global RNG.
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from hfx._registry import default_train_callbacks
 from hfx.trainers import checkpoint as ckpt
 from hfx.trainers.callbacks import Callback, build_callbacks
 from hfx.trainers.config import TrainConfig, dump_yaml, load_config, optimizer_config, to_dict
@@ -253,6 +254,7 @@ class Trainer:
             ckpt.prune(self.output_dir, None)  # .tmp folders of a killed save
         acc.wait_for_everyone()
         self.callbacks = [*task.callbacks(), *build_callbacks(cfg.callbacks), *self._extra_callbacks]
+        self.callbacks += default_train_callbacks(self.callbacks)  # the model card writer, unless given
 
         set_seed(cfg.seed)  # the same initial weights on every process and in every run
         data = task.build_data()  # before any model: a missing dataset fails fast
@@ -563,8 +565,7 @@ class Trainer:
         return TrainResult(self.output_dir, final, self.state.global_step, self.last_eval, stop_reason)
 
     def save_final(self, final: Path) -> None:
-        """The task's artifact (EMA weights when ``ema.use_for_final``) plus a model card, written to
-        ``final.tmp`` and renamed."""
+        """The task's artifact (EMA weights when ``ema.use_for_final``), written to ``final.tmp`` and renamed."""
         acc = self.accelerator
         with contextlib.ExitStack() as stack:
             if self.config.ema.use_for_final:
@@ -576,13 +577,10 @@ class Trainer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
                 unwrapped = {name: self.unwrapped(name) for name in self.models}
-                card = self.task.card(self.last_eval)
                 if self.peft is not None:  # final/ holds the adapter (and the base the task saved before training)
                     self.peft.save(unwrapped, state_dicts, tmp)
-                    card = self.peft.card(card)
                 else:
                     self.task.save(unwrapped, state_dicts, tmp)
-                write_model_card(tmp, self.config, self.last_eval, self.state, self.task.hub_task_type, card)
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)
@@ -654,56 +652,6 @@ class MetricsLog:
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
-
-
-def write_model_card(folder: Path, config: TrainConfig, metrics: dict[str, float], state: TrainState,
-                     task_type: str | None, extra: dict[str, Any]) -> None:
-    """Render ``hub_cards/model.md`` into ``folder/README.md``: the final evaluation as model-index and a
-    results table, how to load the artifact, the recipe, hardware and versions. (``hfx card`` re-renders a
-    richer card from the run folder; this one makes every ``final/`` self-describing.)"""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    import hfx
-    from hfx.resources import resource_path
-
-    extra = dict(extra)
-    model_name = extra.pop("model_name", None) or f"hfx-{config.task}-{Path(config.output_dir).name}"
-    dataset = config.data.dataset or "generated"
-    eval_results = [EvalResult(task_type=task_type, dataset_type=dataset, dataset_name=dataset,
-                               dataset_split=config.data.eval_split, metric_type=key, metric_value=round(value, 6))
-                    for key, value in metrics.items()] if task_type and metrics else None
-    card_data = ModelCardData(library_name=extra.pop("library_name", None), model_name=model_name,
-                              eval_results=eval_results, tags=["hfx", config.task], license="apache-2.0")
-    results = "No evaluation was run for this artifact."
-    if metrics:
-        rows = "\n".join(f"| {key} | {value:.6g} |" for key, value in metrics.items())
-        results = (f"Measured on `{dataset}` ({config.data.eval_split} split) at step {state.global_step}.\n\n"
-                   f"| metric | value |\n|---|---|\n{rows}")
-    summary = extra.pop("model_summary", None) or f"A model trained with hfx's `{config.task}` task."
-    versions = ", ".join(f"{name} {_version(name)}" for name in ("torch", "transformers", "accelerate", "timm"))
-    recipe = Path(config.recipe).name if config.recipe else None
-    variables = dict(
-        marker="hfx-card: rendered by `hfx train`", model_name=model_name, summary=summary, model_summary=summary,
-        results_section=results, results_table=results, method=config.task, task=config.task,
-        dataset=f"`{dataset}`", recipe=recipe or "inline config", steps=state.global_step, hardware=_hardware(),
-        train_time=f"{state.train_seconds / 60:.1f} min", versions=f"hfx {hfx.__version__}, {versions}",
-        command="hfx train config.yaml  # config.yaml: the resolved configuration below",
-        config_yaml=dump_yaml(config).strip(),
-        limitations="Trained for a short time on a small dataset: the numbers above hold for that data and "
-                    "that evaluation only. Measure the model on your own data before relying on it.",
-        **extra,
-    )
-    card = ModelCard.from_template(card_data, template_path=str(resource_path("hub_cards", "model.md")), **variables)
-    card.save(folder / "README.md")
-
-
-def _version(name: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _hardware() -> str:
