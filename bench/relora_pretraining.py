@@ -252,13 +252,18 @@ def report(rows: list[dict]) -> str:
                      f"{max(r['max_rss_mb'] for r in runs):.0f} | {statistics.median(r['median_step_s'] for r in runs):.3f} |")
     means = {v: statistics.fmean(r["held_out_ppl"] for r in rows if r["variant"] == v)
              for v in VARIANTS if any(r["variant"] == v for r in rows)}
+    lines.append("")
     for full in ("full", "full_same_lr"):
-        if {full, "lora"} <= means.keys() and means["lora"] != means[full]:
-            for v in ("relora", "relora_warm"):
-                if v in means:
-                    closed = (means["lora"] - means[v]) / (means["lora"] - means[full])
-                    lines.append(f"{v}: closes {100 * closed:.0f} % of the LoRA-to-{full} perplexity gap "
-                                 f"({means['lora']:.2f} -> {means[full]:.2f})")
+        if not {full, "lora"} <= means.keys():
+            continue
+        gap = means["lora"] - means[full]
+        if gap <= 0:
+            lines.append(f"LoRA ({means['lora']:.2f}) is not worse than {full} ({means[full]:.2f}): no gap to close")
+            continue
+        for v in ("relora", "relora_warm"):
+            if v in means:
+                lines.append(f"{v}: closes {100 * (means['lora'] - means[v]) / gap:.0f} % of the LoRA-to-{full} "
+                             f"perplexity gap ({means['lora']:.2f} -> {means[full]:.2f})")
     return "\n".join(lines)
 
 
