@@ -29,7 +29,8 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 #: What a finished or interrupted run leaves in its output folder (config.yaml is rewritten by every run).
-RUN_FILES = ("checkpoint-*", "final", "final.tmp", "metrics.jsonl", "results.json", "logs", "tokenizer")
+RUN_FILES = ("checkpoint-*", "final", "final.tmp", "metrics.jsonl", "results.json", "logs", "tokenizer",
+             "warm_base")
 
 
 def previous_run_files(output_dir: str | Path) -> list[str]:
