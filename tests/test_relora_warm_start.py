@@ -5,15 +5,12 @@ reloads onto ``final/base`` (the warm-started base) in a fresh process to the tr
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_trainer_peft import IDS, records, tiny_lm
+from test_trainer_peft import IDS, fresh_process_logits, records, tiny_lm
 
 from hfx.trainers import Callback, ConfigError, Trainer
 
@@ -104,22 +101,7 @@ def test_full_rank_warm_start_switches_resumes_exactly_on_both_sides_and_reloads
 
     # fresh process: only hfx, peft, transformers; the base from final/base
     expected = model.eval()(input_ids=IDS).logits
-    script = (
-        "import sys, torch, hfx\n"
-        "from peft import PeftModel\n"
-        "from transformers import AutoModelForCausalLM\n"
-        "torch.set_num_threads(1)\n"
-        "base = AutoModelForCausalLM.from_pretrained(sys.argv[1] + '/base')\n"
-        "model = PeftModel.from_pretrained(base, sys.argv[1]).eval()\n"
-        f"ids = torch.tensor({IDS.tolist()})\n"
-        "with torch.no_grad():\n"
-        "    torch.save({'adapter': model(input_ids=ids).logits,\n"
-        "                'merged': model.merge_and_unload()(input_ids=ids).logits}, sys.argv[2])\n"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-c", script, str(full_dir / "final"), str(tmp_path / "logits.pt")],
-                   check=True, env=env, timeout=120)
-    logits = torch.load(tmp_path / "logits.pt", weights_only=True)
+    logits = fresh_process_logits(full_dir / "final", tmp_path / "logits.pt", base_dir=full_dir / "final" / "base")
     torch.testing.assert_close(logits["adapter"], expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(logits["merged"], expected, rtol=0, atol=1e-5)
 

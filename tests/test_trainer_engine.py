@@ -24,9 +24,9 @@ from hfx.trainers import (
 )
 
 
-def tiny_vit(tmp_path: Path, *overrides: str) -> dict:
+def tiny_vit(tmp_path: Path, *overrides: str, **sections) -> dict:
     """image-classification on 8x8 digits with a 1-block ViT: no batch norm, so a batch's gradient does
-    not depend on how the batch is split (accumulation, processes)."""
+    not depend on how the batch is split (accumulation, processes). ``sections`` add top-level recipe keys."""
     return load_config({
         "task": "image-classification", "output_dir": str(tmp_path),
         "data": {"dataset": "digits", "options": {"image_size": 8}, "max_eval_samples": 64},
@@ -36,6 +36,7 @@ def tiny_vit(tmp_path: Path, *overrides: str) -> dict:
         "optimizer": {"lr": 1e-3},
         "log": {"every_steps": 1, "report_to": []},
         "eval": {"at_end": False},
+        **sections,
     }, list(overrides))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_trainer_engine import tiny_vit as engine_tiny_vit
 
 from hfx.trainers import Callback, ConfigError, Trainer, load_config
 
@@ -54,6 +55,32 @@ def finetune(out: Path, base: Path, *overrides: str):
 def records(run_dir: Path, key: str) -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if key in r]
+
+def fresh_process_logits(final_dir: Path, out_file: Path, base_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """Logits of the saved adapter on ``IDS`` in a fresh process that imports only hfx, peft and transformers:
+    ``adapter`` (the PeftModel) and ``merged`` (after ``merge_and_unload``). With ``base_dir`` the base is
+    loaded from there and wrapped by ``PeftModel.from_pretrained``; else ``AutoPeftModelForCausalLM`` finds
+    it from the adapter config."""
+    load = ("from transformers import AutoModelForCausalLM\n"
+            "from peft import PeftModel\n"
+            f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(base_dir)!r}), sys.argv[1])\n"
+            if base_dir is not None else
+            "from peft import AutoPeftModelForCausalLM\n"
+            "model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1])\n")
+    script = (
+        "import sys, torch, hfx\n"
+        "torch.set_num_threads(1)\n"
+        + load +
+        "model = model.eval()\n"
+        f"ids = torch.tensor({IDS.tolist()})\n"
+        "with torch.no_grad():\n"
+        "    torch.save({'adapter': model(input_ids=ids).logits,\n"
+        "                'merged': model.merge_and_unload()(input_ids=ids).logits}, sys.argv[2])\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(final_dir), str(out_file)], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    return torch.load(out_file, weights_only=True)
+
 
 
 class Snapshot(Callback):
@@ -223,20 +250,7 @@ def test_relora_in_the_engine_resumes_exactly_and_reloads_in_a_fresh_process(tmp
     assert records(resumed_dir, "relora/restart") == restarts
 
     expected = model.eval()(input_ids=IDS).logits
-    script = (
-        "import sys, torch, hfx\n"
-        "from peft import AutoPeftModelForCausalLM\n"
-        "torch.set_num_threads(1)\n"
-        "model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1]).eval()  # the base from final/base\n"
-        f"ids = torch.tensor({IDS.tolist()})\n"
-        "with torch.no_grad():\n"
-        "    torch.save({'adapter': model(input_ids=ids).logits,\n"
-        "                'merged': model.merge_and_unload()(input_ids=ids).logits}, sys.argv[2])\n"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-c", script, str(full_dir / "final"), str(tmp_path / "logits.pt")],
-                   check=True, env=env, timeout=120)
-    logits = torch.load(tmp_path / "logits.pt", weights_only=True)
+    logits = fresh_process_logits(full_dir / "final", tmp_path / "logits.pt")  # AutoPeft finds final/base
     torch.testing.assert_close(logits["adapter"], expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(logits["merged"], expected, rtol=0, atol=1e-5)
 
@@ -263,19 +277,10 @@ def test_bad_peft_fields_are_one_line_config_errors(tmp_path, override, message)
 
 
 def tiny_vit(out: Path, *overrides: str):
-    """image-classification on 8x8 digits with a 1-block ViT."""
-    return load_config({
-        "task": "image-classification", "output_dir": str(out),
-        "data": {"dataset": "digits", "options": {"image_size": 8}, "max_eval_samples": 64},
-        "task_options": {"model": "timm:vit_tiny_patch16_224",
-                         "model_options": {"img_size": 8, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}},
-        "train": {"max_steps": 10, "batch_size": 32},
-        "optimizer": {"lr": 1e-3, "weight_decay": 0.1},
-        "freeze": {"train_only": [r"^model\.head\."], "unfreeze_at_step": 5},
-        "checkpoint": {"every_steps": 3},
-        "log": {"every_steps": 1, "report_to": []},
-        "eval": {"at_end": False},
-    }, list(overrides))
+    """The engine tests' 1-block ViT on 8x8 digits, with a freeze schedule: the head alone for 5 steps."""
+    return engine_tiny_vit(out, "optimizer.weight_decay=0.1", *overrides,
+                           freeze={"train_only": [r"^model\.head\."], "unfreeze_at_step": 5},
+                           checkpoint={"every_steps": 3})
 
 
 def test_freeze_trains_the_head_first_then_everything_and_resumes_exactly(tmp_path):
