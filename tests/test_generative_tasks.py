@@ -212,9 +212,35 @@ def test_latent_diffusion_on_a_trained_vae(tmp_path):
     from hfx.pipelines import LatentDiffusionPipeline
 
     vae_run = train(vae_config(tmp_path / "vae", "train.max_steps=5", "eval.every_steps=null"))
+    evaluator = train("classify-digits", [f"output_dir={tmp_path / 'evaluator'}", "train.max_steps=150",
+                                          "eval.every_steps=null", "checkpoint.every_steps=null", "log.report_to=[]"])
     run = train(diffusion_config(tmp_path / "ldm", f"task_options.latent_vae={vae_run.final_dir}", "train.max_steps=5",
-                                 "eval.every_steps=5"))
+                                 "eval.every_steps=5", f"task_options.evaluator={evaluator.final_dir}",
+                                 "task_options.evaluator_samples_per_class=3"))
     pipe = LatentDiffusionPipeline.from_pretrained(run.final_dir)
+    # sample_accuracy is the evaluator's accuracy on the saved pipeline's samples (same seed and steps)
+    from hfx.trainers.tasks.images import TrainedImageClassifier
+
+    labels = torch.arange(10).repeat_interleave(3)
+    samples = pipe(labels.tolist(), num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                   output_type="pt").images * 2 - 1  # grid_steps of diffusion_config
+    logits = TrainedImageClassifier(evaluator.final_dir).features_and_logits(samples)[1]
+    assert run.metrics["sample_accuracy"] == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
+
+    # the scorer itself: real test digits of the asked class score high, of the next class low
+    from hfx.data import builtin_dataset
+    from hfx.trainers.tasks.images import ClassSampleScorer
+
+    test = builtin_dataset("digits", image_size=8)["test"]
+    pixels = torch.stack([torch.tensor(list(im.getdata()), dtype=torch.float32).reshape(1, 8, 8) / 127.5 - 1
+                          for im in test["image"]])
+    by_class = {c: pixels[torch.tensor(list(test["label"])) == c][:3] for c in range(10)}
+    scorer = ClassSampleScorer(evaluator.final_dir, num_classes=10, per_class=3)
+    def digits_of(shift):
+        return lambda asked: torch.cat([by_class[(int(c) + shift) % 10][k % 3:k % 3 + 1] for k, c in enumerate(asked)])
+
+    assert scorer(digits_of(0), "cpu") >= 0.7  # the asked class
+    assert scorer(digits_of(1), "cpu") <= 0.3  # the next class
     assert pipe.unet.config.in_channels == 2 and pipe.unet.config.sample_size == 4  # 8x8 images, factor 2
     assert pipe.vae.config.scaling_factor == pytest.approx(
         json.loads((Path(vae_run.final_dir) / "config.json").read_text())["scaling_factor"])

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from hfx.trainers.callbacks import Callback
 from hfx.trainers.tasks.base import Task, TaskData, register_task
-from hfx.trainers.tasks.images import ImageColumns, build_image_data
+from hfx.trainers.tasks.images import ClassSampleScorer, ImageColumns, build_image_data
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,11 @@ class DiffusionOptions(NoiseScheduleOptions, ImageColumns):
     """Guidance of the validation grids (default: ``default_guidance_scale``)."""
     latent_vae: str | None = None
     """A trained VAE folder: diffuse in its latent space (latent diffusion) instead of pixel space."""
+    evaluator: str | None = None
+    """A classifier folder (``image-classification`` artifact): evaluation then reports ``sample_accuracy``,
+    the share of samples (the evaluated weights, default guidance, ``grid_steps`` DDIM steps) asked for class c
+    that it classifies as c."""
+    evaluator_samples_per_class: int = 30
 
 
 @dataclass
@@ -251,9 +256,26 @@ class DiffusionTask(Task):
             total["loss_uncond"] += float(per_image[:, 1].sum())
             count += per_image.shape[0]
         metrics = {key: value / max(count, 1) for key, value in total.items()}
+        if self.options.evaluator:  # every process draws the same samples, so all agree on the number
+            metrics["sample_accuracy"] = self.sample_accuracy(self.accelerator.unwrap_model(models["unet"]))
         if self.options.grid_per_class > 0 and self.accelerator.is_main_process:
             self._write_grid(self.accelerator.unwrap_model(models["unet"]))
         return metrics
+
+    def sample_accuracy(self, unet) -> float:
+        """Share of the pipeline's samples asked for class c that ``task_options.evaluator`` classifies as c."""
+        if not hasattr(self, "_scorer"):
+            self._scorer = ClassSampleScorer(self.options.evaluator, len(self.info.label_names),
+                                             self.options.evaluator_samples_per_class)
+        pipe = self.pipeline(unet)
+        pipe.set_progress_bar_config(disable=True)
+
+        def generate(labels):
+            images = pipe(labels.tolist(), num_inference_steps=self.options.grid_steps,
+                          generator=torch.Generator().manual_seed(0), output_type="pt").images
+            return images.to(unet.device) * 2 - 1
+
+        return self._scorer(generate, unet.device)
 
     def pipeline(self, unet):
         """The pipeline around ``unet`` (a LatentDiffusionPipeline with the VAE for latent diffusion), sampling

@@ -135,3 +135,24 @@ class TrainedImageClassifier:
         out = self.model(pixel_values=x, output_hidden_states=True)
         hidden = out.hidden_states[-1]
         return (hidden.flatten(2).mean(-1) if hidden.ndim == 4 else hidden.mean(1)), out.logits
+
+
+class ClassSampleScorer:
+    """Scores a class-conditional generator with a trained classifier (an ``image-classification``
+    artifact): the share of samples asked for class c that the classifier assigns to c.
+
+    ``scorer(generate, device)`` calls ``generate(labels)`` with ``per_class`` labels of every class, (N,) on
+    ``device``, which must return (N, C, H, W) images in [-1, 1]. The classifier loads on first use.
+    """
+
+    def __init__(self, folder, num_classes: int, per_class: int):
+        self.folder, self.num_classes, self.per_class = folder, num_classes, per_class
+        self.classifier: TrainedImageClassifier | None = None
+
+    def __call__(self, generate, device) -> float:
+        if self.classifier is None:
+            self.classifier = TrainedImageClassifier(self.folder)
+        self.classifier.model.to(device)
+        labels = torch.arange(self.num_classes, device=device).repeat_interleave(self.per_class)
+        _, logits = self.classifier.features_and_logits(generate(labels))
+        return float((logits.argmax(-1) == labels).float().mean())

@@ -22,7 +22,7 @@ import torch
 
 from hfx.trainers.tasks.base import Task, TaskData, register_task
 from hfx.trainers.tasks.diffusion import _KeepTrainer
-from hfx.trainers.tasks.images import ImageColumns, TrainedImageClassifier, build_image_data, image_grid
+from hfx.trainers.tasks.images import ClassSampleScorer, ImageColumns, build_image_data, image_grid
 
 
 @dataclass
@@ -119,14 +119,12 @@ class VAETask(Task):
 
     def sample_accuracy(self, model) -> float:
         """Share of a CVAE's samples asked for class c that the evaluator classifies as c."""
-        if not hasattr(self, "_evaluator"):
-            self._evaluator = TrainedImageClassifier(self.options.evaluator)
-            self._evaluator.model.to(model.device)
-        per_class = self.options.evaluator_samples_per_class
-        labels = torch.arange(len(self.info.label_names), device=model.device).repeat_interleave(per_class)
-        images = model.sample(len(labels), labels=labels, generator=torch.Generator(model.device).manual_seed(0))
-        _, logits = self._evaluator.features_and_logits(images)
-        return float((logits.argmax(-1) == labels).float().mean())
+        if not hasattr(self, "_scorer"):
+            self._scorer = ClassSampleScorer(self.options.evaluator, len(self.info.label_names),
+                                             self.options.evaluator_samples_per_class)
+        return self._scorer(lambda labels: model.sample(len(labels), labels=labels,
+                                                        generator=torch.Generator(model.device).manual_seed(0)),
+                            model.device)
 
     def _write_grids(self, model, batch) -> None:
         k = min(self.options.grid_size, batch["pixel_values"].shape[0])
