@@ -9,12 +9,18 @@ variants, at equal optimizer steps and tokens, with the same data order for a gi
 - ``full_same_lr``: the same at ``--lr-lora``, the peak LR of the low-rank variants.
 - ``lora``: peft ``LoraConfig`` of rank ``--rank`` on every attention and MLP linear; embeddings, norms and the
   LM head train fully (``modules_to_save``), as in the paper's LoRA baseline; same warm-up + cosine.
+- ``lora_warm``: the control for ``relora_warm``: the same full-rank warm start and switch, then plain LoRA (no
+  restarts), so the two differ only by ReLoRA's restarts.
 - ``relora``: :class:`hfx.peft.ReLoraConfig` with the same rank and ``modules_to_save``, merged and restarted
   every ``--relora-steps`` (:func:`hfx.peft.relora_restart`, magnitude pruning of the LoRA optimizer state) on
   the jagged cosine schedule (:func:`hfx.peft.jagged_cosine_multiplier`).
 - ``relora_warm``: the first ``--warm-steps`` steps full-rank, then ReLoRA (restarts at ``warm + k *
   relora_steps``; the schedule's restart ramp follows the switch). The ReLoRA phase starts a new AdamW (the
   full-rank moments of the wrapped linears belong to weights that no longer train directly).
+
+The defaults are the setting of the main table in ``bench/RESULTS.md``: rank 2, and each method at its best peak
+LR from a seed-0 sweep (full-rank 2e-3; LoRA and ReLoRA 8e-3), 2,000 steps, a restart every 500 and a 1,000-step
+warm start. ``--alpha`` and ``--prune-method`` change the adapters' scale and the optimizer pruning.
 
 Each (variant, seed) runs in its own subprocess (one torch thread), so its peak resident memory
 (``ru_maxrss``) is its own; results are appended to ``<out>/results.jsonl`` and a finished run is skipped when
@@ -40,25 +46,28 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-VARIANTS = ("full", "full_same_lr", "lora", "relora", "relora_warm")
+VARIANTS = ("full", "full_same_lr", "lora", "lora_warm", "relora", "relora_warm")
 MODULES_TO_SAVE = ["embed_tokens", "lm_head", "norm", "input_layernorm", "post_attention_layernorm"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/relora_pretraining", help="folder for data cache, results, logs")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "full_same_lr"], choices=VARIANTS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--relora-steps", type=int, default=500)
-    p.add_argument("--warm-steps", type=int, default=500, help="full-rank steps of relora_warm")
+    p.add_argument("--warm-steps", type=int, default=1000, help="full-rank steps of relora_warm and lora_warm")
     p.add_argument("--restart-warmup", type=int, default=50)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--lr-full", type=float, default=1e-3)
-    p.add_argument("--lr-lora", type=float, default=2e-3, help="peak LR of LoRA and ReLoRA (and warm start's ReLoRA phase)")
+    p.add_argument("--lr-full", type=float, default=2e-3, help="peak LR of full (the best of 1e-3 ... 8e-3 here)")
+    p.add_argument("--lr-lora", type=float, default=8e-3,
+                   help="peak LR of LoRA and ReLoRA (and warm start's ReLoRA phase); the best of 2e-3 ... 1.6e-2 here")
     p.add_argument("--prune-ratio", type=float, default=0.9)
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=int, default=2)
+    p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: the rank, a scale of 1)")
+    p.add_argument("--prune-method", default="magnitude", choices=("reset", "random", "magnitude"))
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--intermediate", type=int, default=352)
@@ -106,14 +115,14 @@ def build_model(args, vocab: int):
 
 
 def lora_fields(args) -> dict:
-    return dict(r=args.rank, lora_alpha=args.rank, target_modules="all-linear", modules_to_save=list(MODULES_TO_SAVE))
+    return dict(r=args.rank, lora_alpha=args.alpha or args.rank, target_modules="all-linear", modules_to_save=list(MODULES_TO_SAVE))
 
 
 def relora_config(args, warm: bool):
     from hfx.peft import ReLoraConfig
 
     return ReLoraConfig(**lora_fields(args), relora_steps=args.relora_steps, restart_warmup_steps=args.restart_warmup,
-                        warmup_steps=args.warmup, min_lr_ratio=args.min_lr_ratio, prune_method="magnitude",
+                        warmup_steps=args.warmup, min_lr_ratio=args.min_lr_ratio, prune_method=args.prune_method,
                         prune_ratio=args.prune_ratio, full_rank_warmup_steps=args.warm_steps if warm else 0)
 
 
@@ -151,7 +160,7 @@ def run_one(args, variant: str, seed: int) -> dict:
     needed = args.steps * args.batch
     order = order.repeat(needed // len(order) + 1)[:needed]
 
-    warm = args.warm_steps if variant == "relora_warm" else 0
+    warm = args.warm_steps if variant in ("relora_warm", "lora_warm") else 0
     relora = variant in ("relora", "relora_warm")
     cfg = relora_config(args, warm=bool(warm)) if relora else None
     offset = cfg.full_rank_warmup_steps if relora else 0
@@ -161,9 +170,11 @@ def run_one(args, variant: str, seed: int) -> dict:
             return jagged_cosine_multiplier(step, num_training_steps=args.steps, warmup_steps=args.warmup,
                                             relora_steps=args.relora_steps, restart_warmup_steps=args.restart_warmup,
                                             min_lr_ratio=args.min_lr_ratio, first_restart_offset=offset)
-        # warm-up + one cosine (the jagged schedule without restarts)
+        # warm-up + one cosine (the jagged schedule without restarts); after lora_warm's switch, the same ramp from 0
+        # as relora_warm's
         return jagged_cosine_multiplier(step, num_training_steps=args.steps, warmup_steps=args.warmup,
-                                        relora_steps=args.steps + 1, restart_warmup_steps=0, min_lr_ratio=args.min_lr_ratio)
+                                        relora_steps=args.steps + 1, restart_warmup_steps=args.restart_warmup if warm else 0,
+                                        min_lr_ratio=args.min_lr_ratio, first_restart_offset=warm)
 
     def wrap(base):
         peft_config = cfg if relora else peft.LoraConfig(**lora_fields(args))
@@ -185,7 +196,7 @@ def run_one(args, variant: str, seed: int) -> dict:
     curve, step_times, restarts = [], [], []
     start = time.perf_counter()
     for step in tqdm(range(args.steps), desc=f"{variant} seed {seed}", mininterval=30):
-        if warm and step == warm:  # the switch: wrap the full-rank-trained base with ReLoRA
+        if warm and step == warm:  # the switch: wrap the full-rank-trained base (ReLoRA or LoRA)
             model, peak = wrap(model)
             optimizer, trainable = new_optimizer(model, peak)
             trainable_phases.append(trainable)
@@ -219,7 +230,7 @@ def run_one(args, variant: str, seed: int) -> dict:
 # ------------------------------------------------------------------------------------------------- driver
 def settings(args) -> dict:
     keys = ("steps", "relora_steps", "warm_steps", "restart_warmup", "warmup", "min_lr_ratio", "lr_full", "lr_lora",
-            "prune_ratio", "rank", "hidden", "layers", "intermediate", "vocab", "block", "batch", "eval_blocks")
+            "prune_ratio", "rank", "alpha", "prune_method", "hidden", "layers", "intermediate", "vocab", "block", "batch", "eval_blocks")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -260,7 +271,7 @@ def report(rows: list[dict]) -> str:
         if gap <= 0:
             lines.append(f"LoRA ({means['lora']:.2f}) is not worse than {full} ({means[full]:.2f}): no gap to close")
             continue
-        for v in ("relora", "relora_warm"):
+        for v in ("relora", "lora_warm", "relora_warm"):
             if v in means:
                 lines.append(f"{v}: closes {100 * (means['lora'] - means[v]) / gap:.0f} % of the LoRA-to-{full} "
                              f"perplexity gap ({means['lora']:.2f} -> {means[full]:.2f})")

@@ -24,6 +24,14 @@ class ReLoraConfig(LoraConfig):
     DoRA, ``lora_bias`` and initialisations other than the default are refused: a restart re-initialises
     A with kaiming-uniform and B with zeros, which is the default LoRA initialisation.
 
+    Tuning (measured in ``bench/relora_pretraining.py``, see ``bench/RESULTS.md``):
+    - A restart leaves a fresh adapter (B = 0, A at its kaiming scale), which moves the weights far less per
+      step than the one it replaced. Give ReLoRA, like LoRA, a higher peak learning rate than full-rank
+      training: 4x was best on a small Llama. At the full-rank LR, the restarts cost more than they gave.
+    - Keep cycles long enough for the fresh adapter to regrow. There, 500 and 1,000 steps helped; 250 did not.
+    - Most of the gap to full-rank training is closed by ``full_rank_warmup_steps``, once the full-rank
+      model leads at the switch. There, a warm start of half the run closed more than half of LoRA's gap.
+
     Args:
         relora_steps: optimizer steps between two restarts (merge, re-initialise, prune optimizer state).
         restart_warmup_steps: after each restart the learning rate ramps linearly from 0 back to the
