@@ -1,8 +1,8 @@
-"""ReLoRA pretraining experiment: full-rank vs LoRA vs ReLoRA vs ReLoRA with a full-rank warm start.
+"""ReLoRA pretraining experiment: full-rank vs LoRA vs ReLoRA, with and without a full-rank warm start.
 
 The same small Llama (built from a ``LlamaConfig``, untied embeddings) is pretrained from scratch on the CPython
 standard library (``hfx.data.builtin_dataset("stdlib-text")``, tokenised like the ``causal-lm`` task: a
-byte-level BPE trained on the train split, documents joined with end-of-text and cut into blocks) by four
+byte-level BPE trained on the train split, documents joined with end-of-text and cut into blocks) by these
 variants, at equal optimizer steps and tokens, with the same data order for a given seed:
 
 - ``full``: every parameter trains; AdamW at ``--lr-full``, linear warm-up then cosine.
@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from hfx.peft.relora.config import PRUNE_METHODS
+
 VARIANTS = ("full", "full_same_lr", "lora", "lora_warm", "relora", "relora_warm")
 MODULES_TO_SAVE = ["embed_tokens", "lm_head", "norm", "input_layernorm", "post_attention_layernorm"]
 
@@ -67,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--prune-ratio", type=float, default=0.9)
     p.add_argument("--rank", type=int, default=2)
     p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: the rank, a scale of 1)")
-    p.add_argument("--prune-method", default="magnitude", choices=("reset", "random", "magnitude"))
+    p.add_argument("--prune-method", default="magnitude", choices=PRUNE_METHODS)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--intermediate", type=int, default=352)
