@@ -55,7 +55,7 @@ def engine_round(steps: int, workdir: Path, batch_size: int, overrides: list[str
         def __init__(self):
             self.stamps = []
 
-        def on_step_end(self, trainer):
+        def on_step_end(self, state, control):
             self.stamps.append(time.perf_counter())
 
     reset_accelerate()
@@ -74,9 +74,9 @@ def bare_round(steps: int, workdir: Path, batch_size: int, overrides: list[str])
     data, optimizer groups, schedule and clipping."""
     from accelerate import Accelerator
 
-    from hfx.trainers import load_config
+    from hfx.trainers import RunState, load_config
     from hfx.trainers.engine import build_optimizer
-    from hfx.trainers.schedules import SCHEDULES
+    from hfx.trainers.schedules import build_schedule
     from hfx.trainers.tasks import get_task
 
     reset_accelerate()
@@ -90,13 +90,14 @@ def bare_round(steps: int, workdir: Path, batch_size: int, overrides: list[str])
     optimizer = build_optimizer([model], config.optimizer)
     loader = torch.utils.data.DataLoader(data.train, batch_size=batch_size, shuffle=True, drop_last=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    schedule = SCHEDULES["cosine"](optimizer.optimizer, total_steps=steps, warmup_steps=config.scheduler.warmup_steps)
+    schedule = build_schedule(config, optimizer.optimizer, steps)
+    state = RunState(accelerator=accelerator, config=config)
     model.train()
     stamps, step = [], 0
     while step < steps:
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = task.loss({"model": model}, batch, "main")
+                loss = task.loss({"model": model}, batch, state)
                 accelerator.backward(loss)
                 accelerator.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
                 optimizer.step()

@@ -77,8 +77,8 @@ def _train(recipe: str, overrides: list[str]):
 
 def _evaluator_extractor(folder: Path):
     """The trained classifier as a feature extractor: its penultimate features and its logits."""
+    from hfx.metrics.classifier import TrainedImageClassifier
     from hfx.metrics.extractors import ModuleFeatureExtractor, file_fingerprint
-    from hfx.trainers.tasks.images import TrainedImageClassifier
 
     classifier = TrainedImageClassifier(folder)
     prep = classifier.preprocessing

@@ -94,7 +94,7 @@ def test_diffusion_loss_uses_label_dropout_and_the_prediction_target(tmp_path):
 
 
 def test_diffusion_rejects_bad_options(tmp_path):
-    with pytest.raises(ValueError, match="label_dropout must be in"):
+    with pytest.raises(ValueError, match=r"task_options.label_dropout. must be in \[0, 1\), got 1.0"):
         train(diffusion_config(tmp_path, "task_options.label_dropout=1.0"))
     with pytest.raises(ValueError, match="unet does not make a UNet2DModel"):
         train(diffusion_config(tmp_path, "task_options.unet={no_such_argument: 1}"))
@@ -140,7 +140,7 @@ def test_vae_task_warms_up_kl_and_saves_a_scaled_automodel(tmp_path):
     from transformers import AutoModel
 
     from hfx.models.vae import HfxVAEModel
-    from hfx.trainers.tasks.images import build_image_data
+    from hfx.trainers.tasks._image_tasks import build_image_data
 
     result = train(vae_config(tmp_path, "task_options.conditional=true"))
     logged = records(tmp_path, "loss")
@@ -219,7 +219,7 @@ def test_latent_diffusion_on_a_trained_vae(tmp_path):
                                  "task_options.evaluator_samples_per_class=3"))
     pipe = LatentDiffusionPipeline.from_pretrained(run.final_dir)
     # sample_accuracy is the evaluator's accuracy on the saved pipeline's samples (same seed and steps)
-    from hfx.trainers.tasks.images import TrainedImageClassifier
+    from hfx.metrics.classifier import TrainedImageClassifier
 
     labels = torch.arange(10).repeat_interleave(3)
     samples = pipe(labels.tolist(), num_inference_steps=2, generator=torch.Generator().manual_seed(0),
@@ -229,7 +229,7 @@ def test_latent_diffusion_on_a_trained_vae(tmp_path):
 
     # the scorer itself: real test digits of the asked class score high, of the next class low
     from hfx.data import builtin_dataset
-    from hfx.trainers.tasks.images import ClassSampleScorer
+    from hfx.metrics.classifier import ClassSampleScorer
 
     test = builtin_dataset("digits", image_size=8)["test"]
     pixels = torch.stack([torch.tensor(list(im.getdata()), dtype=torch.float32).reshape(1, 8, 8) / 127.5 - 1

@@ -16,7 +16,7 @@ from hfx.trainers import Callback, ConfigError, Trainer
 
 WARM = ("peft={method: relora, r: 4, lora_alpha: 8, relora_steps: 10, restart_warmup_steps: 3, warmup_steps: 2, "
         "min_lr_ratio: 0.1, prune_method: magnitude, prune_ratio: 0.9, full_rank_warmup_steps: 10}")
-RUN = (WARM, "train.max_steps=30", "checkpoint.every_steps=5", "checkpoint.total_limit=null")
+RUN = (WARM, "scheduler.name=relora_jagged", "train.max_steps=30", "checkpoint.every_steps=5", "checkpoint.total_limit=null")
 
 
 class Watch(Callback):
@@ -26,10 +26,10 @@ class Watch(Callback):
         self.trainable: dict[int, set[str]] = {}
         self.b_norm: dict[int, float] = {}
 
-    def on_step_end(self, trainer):
-        model = trainer.unwrapped("model")
-        self.trainable[trainer.global_step] = {n for n, p in model.named_parameters() if p.requires_grad}
-        self.b_norm[trainer.global_step] = sum(float(p.detach().norm()) for n, p in model.named_parameters() if "lora_B" in n)
+    def on_step_end(self, state, control):
+        model = state.models["model"]
+        self.trainable[state.global_step] = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.b_norm[state.global_step] = sum(float(p.detach().norm()) for n, p in model.named_parameters() if "lora_B" in n)
 
 
 def resume_from(full_dir: Path, out: Path, checkpoint: str, *extra: str) -> Trainer:
@@ -59,7 +59,7 @@ def test_full_rank_warm_start_switches_resumes_exactly_on_both_sides_and_reloads
     watch = Watch()
     full = Trainer(tiny_lm(full_dir, *RUN), callbacks=[watch])
     full.fit()
-    assert full.config.scheduler.options["first_restart_offset"] == 10
+    assert full.schedulers["main"].lr_lambdas[0].first_restart_offset == 10
     model = full.unwrapped("model")
 
     # warm-up: every base parameter trains and no LoRA factor; after the switch the reverse
@@ -140,7 +140,7 @@ def test_warm_start_trains_every_base_parameter_but_not_the_adapter_or_the_kept_
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hfx.peft import ReLoraConfig
-    from hfx.trainers.peft import FullRankWarmStart
+    from hfx.trainers.integrations.relora import FullRankWarmStart
 
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)

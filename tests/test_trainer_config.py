@@ -62,7 +62,7 @@ def test_overrides_are_typed_by_the_dataclass_fields():
     (["data.dataset=/no/such/folder"], "data.dataset '/no/such/folder' does not exist"),
     (["data.dataset=null"], "missing required config key 'data.dataset'"),
     (["train.max_steps=0"], "config key 'train.max_steps' must be >= 1, got 0"),
-    (["eval.early_stopping_patience=2"], "eval.metric must name the metric"),
+    (["eval.early_stopping_patience=2"], "eval.early_stopping_patience needs eval.metric"),
     (["optimizers.main.lrr=1"], "unknown config key 'optimizers.main.lrr'; did you mean 'optimizers.main.lr'?"),
     (["callbacks=[{name: nope}]"], "unknown callback 'nope'"),
     (["train.max_steps"], "override 'train.max_steps' is not of the form key.sub=value"),
@@ -115,10 +115,12 @@ def test_a_previous_run_is_not_silently_mixed_into(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- schedules
-def _lrs(name, steps=100, **kwargs):
+def _lrs(overrides, steps=100):
+    from hfx.trainers.schedules import build_schedule
+
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=2.0)
-    schedule = SCHEDULES[name](optimizer, total_steps=steps, **kwargs)
+    schedule = build_schedule(load_config(RECIPE, overrides), optimizer, steps)
     lrs = []
     for _ in range(steps):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -127,27 +129,61 @@ def _lrs(name, steps=100, **kwargs):
     return lrs
 
 
-def test_warmup_cosine_and_linear_values():
-    lrs = _lrs("cosine", warmup_steps=10, min_lr_ratio=0.1)
-    assert lrs[0] == pytest.approx(2.0 * 1 / 10) and lrs[9] == pytest.approx(2.0)
-    assert lrs[10] == pytest.approx(2.0)  # the decay starts at the peak
+def _transformers_lrs(name, steps=100, **kwargs):
+    """What ``TrainingArguments(lr_scheduler_type=name, warmup_steps=..., lr_scheduler_kwargs=...)`` gives."""
+    from transformers import get_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    warmup = kwargs.pop("warmup_steps", 0)
+    schedule = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps,
+                             scheduler_specific_kwargs=kwargs)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return lrs
+
+
+def test_schedules_are_transformers_own_curves():
+    cosine = _lrs(["scheduler={name: cosine, warmup_steps: 10, min_lr_ratio: 0.1}"])
+    assert cosine == _transformers_lrs("cosine_with_min_lr", warmup_steps=10, min_lr_rate=0.1)
+    assert cosine[0] == 0.0 and cosine[10] == pytest.approx(2.0)  # transformers' warm-up starts at 0
     # half-way through the decay: min + (1 - min) * 0.5
-    assert lrs[55] == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90))))
-    linear = _lrs("linear", warmup_steps=0)
-    assert linear[50] == pytest.approx(1.0) and linear[0] == pytest.approx(2.0)
-    assert _lrs("constant", warmup_steps=4)[3:] == [pytest.approx(2.0)] * 97
+    assert cosine[55] == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90))))
+    assert _lrs(["scheduler={name: cosine, warmup_steps: 10}"]) == _transformers_lrs("cosine", warmup_steps=10)
+    assert _lrs(["scheduler.name=linear"])[50] == pytest.approx(1.0)
+    assert _lrs(["scheduler={name: constant_with_warmup, warmup_steps: 4}"])[4:] == [pytest.approx(2.0)] * 96
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["scheduler={name: constant, warmup_steps: 5}"], "'constant' has no warm-up"),
+    (["scheduler={name: linear, min_lr_ratio: 0.1}"], "has no effect on 'linear'"),
+    (["scheduler.name=cosine_with_min_lr"], "needs scheduler.min_lr_ratio > 0"),
+    (["scheduler.name=reduce_lr_on_plateau"], "needs eval.metric"),
+    (["scheduler.min_lr_ratio=5"], "config key 'scheduler.min_lr_ratio' must be in [0, 1], got 5.0"),
+    (["scheduler.warmup_steps=-10"], "config key 'scheduler.warmup_steps' must be >= 0, got -10"),
+    (["scheduler.name=relora_jagged"], "needs peft.method relora"),
+])
+def test_schedule_settings_that_would_be_ignored_or_are_out_of_range_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        _lrs(overrides)
+    assert message in str(err.value)
 
 
 def test_register_schedule_by_name():
-    def halving(optimizer, *, total_steps, warmup_steps=0, min_lr_ratio=0.0, every=10):
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=every, gamma=0.5)
+    def halving(optimizer, config, total_steps):
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.scheduler.options["every"], gamma=0.5)
 
     register_schedule("test-halving", halving)
     register_schedule("test-halving", halving)  # the same factory again: fine
     with pytest.raises(ValueError, match="already registered"):
         register_schedule("test-halving", lambda *a, **k: None)
-    assert _lrs("test-halving", steps=25, every=10)[::10] == [2.0, 1.0, 0.5]
-    assert load_config(RECIPE, ["scheduler.name=test-halving"]).scheduler.name == "test-halving"
+    with pytest.raises(ValueError, match="transformers SchedulerType"):
+        register_schedule("cosine", halving)
+    assert _lrs(["scheduler={name: test-halving, options: {every: 10}}"], steps=25)[::10] == [2.0, 1.0, 0.5]
+    assert "test-halving" in SCHEDULES
 
 
 # ---------------------------------------------------------------------------------------------- EMA
@@ -172,16 +208,36 @@ def test_ema_matches_the_formula_and_swaps_back():
 
 
 # ---------------------------------------------------------------------------------------------- folders
-def test_checkpoint_folders_ignore_tmp_and_incomplete(tmp_path: Path):
-    for step in (5, 10, 15):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / STATE_FILE).write_text("{}")
+def _checkpoint(folder: Path, step: int) -> Path:
+    """A complete checkpoint folder as the engine writes one (files, then the state file with their manifest)."""
+    from hfx.trainers.checkpoint import commit
+
+    tmp = folder / f"checkpoint-{step}.tmp"
+    tmp.mkdir(parents=True)
+    for name in ("model.safetensors", "engine_state.pt", "random_states_0.pkl"):
+        (tmp / name).write_bytes(f"{name} of step {step}".encode())
+    return commit(tmp, {"counters": {"global_step": step}, "num_processes": 1})
+
+
+def test_checkpoint_folders_ignore_tmp_and_incomplete(tmp_path: Path, caplog):
+    from hfx.trainers import ResumeError
+
+    for step in (5, 10, 15, 30):
+        _checkpoint(tmp_path, step)
     (tmp_path / "checkpoint-20.tmp").mkdir()  # a save killed half-way
     (tmp_path / "checkpoint-25").mkdir()  # no state file: incomplete
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-5", "checkpoint-10", "checkpoint-15"]
-    assert resolve_checkpoint("latest", tmp_path).name == "checkpoint-15"
+    (tmp_path / "checkpoint-30" / "random_states_0.pkl").unlink()  # a file lost after the save
+    (tmp_path / "checkpoint-15" / "model.safetensors").write_bytes(b"model.safetensors of step 99")  # changed
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-5", "checkpoint-10", "checkpoint-15",
+                                                           "checkpoint-30"]
+    with caplog.at_level("WARNING", logger="hfx"):
+        assert resolve_checkpoint("latest", tmp_path).name == "checkpoint-10"
+    assert "checkpoint-30 is incomplete (random_states_0.pkl (missing))" in caplog.text
+    assert "checkpoint-15 is incomplete (model.safetensors (content changed))" in caplog.text
     assert resolve_checkpoint("latest", tmp_path / "empty") is None
     with pytest.raises(FileNotFoundError, match="incomplete"):
         resolve_checkpoint(str(tmp_path / "checkpoint-25"), tmp_path)
+    with pytest.raises(ResumeError, match="checkpoint-30 is incomplete: random_states_0.pkl"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-30"), tmp_path)
     prune(tmp_path, total_limit=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-15", "checkpoint-25"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-15", "checkpoint-25", "checkpoint-30"]

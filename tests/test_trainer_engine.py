@@ -93,22 +93,23 @@ class ToyGAN(Task):
     def optimizer_groups(self, models):
         return {"discriminator": ["discriminator"], "generator": ["generator"]}
 
-    def phases(self, step):
-        return ["discriminator"] + (["generator"] if step % self.options.n_critic == self.options.n_critic - 1 else [])
+    def phases(self, state):
+        n = self.options.n_critic
+        return ["discriminator"] + (["generator"] if state.global_step % n == n - 1 else [])
 
-    def ema_models(self):
+    def ema_models(self, models):
         return ["generator"]
 
-    def loss(self, models, batch, phase):
+    def loss(self, models, batch, state):
         real = batch[0]
         fake = models["generator"](torch.randn(real.shape[0], self.options.noise_dim))
         critic = models["discriminator"]
-        if phase == "discriminator":
+        if state.phase == "discriminator":
             return 0.5 * ((critic(real) - 1) ** 2).mean() + 0.5 * (critic(fake.detach()) ** 2).mean()
         return 0.5 * ((critic(fake) - 1) ** 2).mean()
 
     @torch.no_grad()
-    def evaluate(self, models, loader):
+    def evaluate(self, models, loader, state):
         fake = models["generator"](torch.randn(512, self.options.noise_dim, generator=torch.Generator().manual_seed(1)))
         return {"mean_error": float((fake.mean(0) - TARGET).norm())}
 
@@ -124,11 +125,11 @@ class Recorder(Callback):
     def __init__(self):
         self.steps, self.history = 0, torch.zeros(0)
 
-    def on_step_end(self, trainer):
-        critic = trainer.unwrapped("discriminator")
+    def on_step_end(self, state, control):
+        critic = state.models["discriminator"]
         assert all(p.grad is None for p in critic.parameters())
         self.steps += 1
-        self.history = torch.cat([self.history, torch.tensor([float(trainer.global_step)])])
+        self.history = torch.cat([self.history, torch.tensor([float(state.global_step)])])
 
     def state_dict(self):
         return {"steps": self.steps, "history": self.history}
@@ -198,13 +199,13 @@ class Regression(Task):
         self.calls = 0
         return {"model": torch.nn.Linear(4, 1)}
 
-    def loss(self, models, batch, phase):
+    def loss(self, models, batch, state):
         self.calls += 1
         loss = F.mse_loss(models["model"](batch[0]).squeeze(-1), batch[1])
         return loss * float("nan") if self.calls == self.options.nan_at_step else loss
 
     @torch.no_grad()
-    def evaluate(self, models, loader):
+    def evaluate(self, models, loader, state):
         errors = [F.mse_loss(models["model"](x).squeeze(-1), y, reduction="sum") for x, y in loader]
         return {"mse": float(sum(errors)) / 256}
 
@@ -227,8 +228,8 @@ def test_nan_loss_skip_leaves_the_weights_untouched(tmp_path):
     seen = {}
 
     class Snapshot(Callback):
-        def on_step_end(self, trainer):
-            seen[trainer.global_step] = trainer.unwrapped("model").weight.detach().clone()
+        def on_step_end(self, state, control):
+            seen[state.global_step] = state.models["model"].weight.detach().clone()
 
     result = train(regression(tmp_path, "task_options.nan_at_step=5", "train.nan_policy=skip"), callbacks=[Snapshot()])
     assert result.global_step == 12
@@ -241,7 +242,7 @@ def test_nan_loss_skip_leaves_the_weights_untouched(tmp_path):
 def test_early_stopping_and_plateau_schedule(tmp_path):
     # mse falls every evaluation; watching it with mode=max makes every evaluation "no improvement"
     result = train(regression(tmp_path, "train.max_steps=100", "eval.every_steps=2", "eval.metric=mse", "eval.mode=max",
-                              "eval.early_stopping_patience=2", "scheduler.name=plateau",
+                              "eval.early_stopping_patience=2", "scheduler.name=reduce_lr_on_plateau",
                               "scheduler.options={patience: 0, factor: 0.5}"))
     assert result.stop_reason == "early_stopping" and result.global_step == 6
     # evaluations at steps 2, 4, 6; each one after the first halves the lr (patience 0), for later steps

@@ -84,14 +84,18 @@ def fresh_process_logits(final_dir: Path, out_file: Path, base_dir: Path | None 
 
 
 class Snapshot(Callback):
-    """The wrapped model as training starts: weights, trainable names, optimizer size, held-out loss."""
+    """The wrapped model as training starts: weights, trainable names, optimizer size, and (``eval.at_start``)
+    the held-out loss of the base before any step."""
 
-    def on_train_begin(self, trainer):
-        model = trainer.unwrapped("model")
+    def on_train_begin(self, state, control):
+        model = state.models["model"]
         self.before = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        self.optimized = sum(p.numel() for g in trainer.optimizers["main"].param_groups for p in g["params"])
-        self.eval_before = trainer.evaluate()["loss"]  # held-out loss of the base (B = 0)
+        self.optimized = sum(p.numel() for g in state.optimizers["main"].param_groups for p in g["params"])
+
+    def on_evaluate(self, state, control, metrics):
+        if state.global_step == 0:
+            self.eval_before = metrics["loss"]  # held-out loss of the base (B = 0)
 
 
 
@@ -105,7 +109,7 @@ def test_lora_trains_only_the_adapter_and_reloads(tmp_path, tmp_path_factory):
     snapshot = Snapshot()
     base_dir = pretrained_base(tmp_path_factory)
     trainer = Trainer(finetune(tmp_path, base_dir, "peft={method: lora, r: 8, lora_alpha: 16, target_modules: all-linear}",
-                               "train.max_steps=40", "optimizer.lr=1e-2", "eval.at_end=true"), [snapshot])
+                               "train.max_steps=40", "optimizer.lr=1e-2", "eval.at_end=true", "eval.at_start=true"), [snapshot])
     result = trainer.fit()
     model, before = trainer.unwrapped("model"), snapshot.before
     assert snapshot.trainable and all("lora_" in n for n in snapshot.trainable)
@@ -131,7 +135,7 @@ def test_prompt_learning_trains_and_generates_with_cache_after_reload(tmp_path, 
     base_dir = pretrained_base(tmp_path_factory)
     snapshot = Snapshot()
     trainer = Trainer(finetune(tmp_path, base_dir, f"peft={{method: {method}, num_virtual_tokens: 4}}", "train.max_steps=20",
-                               "eval.at_end=true"), [snapshot])
+                               "eval.at_end=true", "eval.at_start=true"), [snapshot])
     result = trainer.fit()
     assert result.metrics["loss"] < snapshot.eval_before - 0.01  # held-out loss falls
     final = tmp_path / "final"
@@ -221,10 +225,10 @@ RELORA = ("peft={method: relora, r: 4, lora_alpha: 8, relora_steps: 10, restart_
 
 def test_relora_in_the_engine_resumes_exactly_and_reloads_in_a_fresh_process(tmp_path):
     full_dir = tmp_path / "full"
-    full = Trainer(tiny_lm(full_dir, RELORA, "checkpoint.every_steps=15", "scheduler.name=constant"))
+    full = Trainer(tiny_lm(full_dir, RELORA, "checkpoint.every_steps=15", "scheduler.name=relora_jagged"))
     full.fit()
-    cfg = full.config.scheduler
-    assert cfg.name == "relora_jagged" and cfg.warmup_steps == 2 and cfg.options["relora_steps"] == 10
+    multiplier = full.schedulers["main"].lr_lambdas[0]  # the jagged cosine of the peft fields; the recipe is unchanged
+    assert multiplier.warmup_steps == 2 and multiplier.relora_steps == 10 and full.config.scheduler.options == {}
     restarts = records(full_dir, "relora/restart")
     assert [r["step"] for r in restarts] == [10, 20]  # not after the last step (30)
     assert all(r["relora/pruned_fraction"] == pytest.approx(0.9, abs=0.02) for r in restarts)
@@ -241,7 +245,8 @@ def test_relora_in_the_engine_resumes_exactly_and_reloads_in_a_fresh_process(tmp
     for name in ("checkpoint-15", "tokenizer", "metrics.jsonl", "base"):
         copy = shutil.copytree if (full_dir / name).is_dir() else shutil.copy
         copy(full_dir / name, resumed_dir / name)
-    resumed = Trainer(tiny_lm(resumed_dir, RELORA, "checkpoint.every_steps=15", "resume_from_checkpoint=latest"))
+    resumed = Trainer(tiny_lm(resumed_dir, RELORA, "checkpoint.every_steps=15", "scheduler.name=relora_jagged",
+                              "resume_from_checkpoint=latest"))
     resumed.fit()
     a, b = model.state_dict(), resumed.unwrapped("model").state_dict()
     assert a.keys() == b.keys()
@@ -261,7 +266,7 @@ def test_relora_in_the_engine_resumes_exactly_and_reloads_in_a_fresh_process(tmp
     ("peft={method: relora, relora_steps: 10, restart_warmup_steps: 2}", None),
     ("peft={method: relora, relora_steps: 10}",
      "peft (relora): ReLoraConfig.restart_warmup_steps=100 must be >= 0 and < relora_steps (10)"),
-    ("peft={method: relora, relora_steps: 10, restart_warmup_steps: 2} | ema.enabled=true",
+    ("peft={method: relora, relora_steps: 10, restart_warmup_steps: 2} | ema.enabled=true | scheduler.name=relora_jagged",
      "ema.enabled is not supported with peft.method relora (a restart moves the update from the adapter into the "
      "base weights, so separate averages of the two are not a model)"),
 ])
@@ -285,12 +290,12 @@ def tiny_vit(out: Path, *overrides: str):
 
 def test_freeze_trains_the_head_first_then_everything_and_resumes_exactly(tmp_path):
     class AtStep5(Callback):
-        def on_train_begin(self, trainer):
-            self.initial = {k: v.clone() for k, v in trainer.unwrapped("model").state_dict().items()}
+        def on_train_begin(self, state, control):
+            self.initial = {k: v.clone() for k, v in state.models["model"].state_dict().items()}
 
-        def on_step_end(self, trainer):
-            if trainer.global_step == 5:
-                self.weights = {k: v.clone() for k, v in trainer.unwrapped("model").state_dict().items()}
+        def on_step_end(self, state, control):
+            if state.global_step == 5:
+                self.weights = {k: v.clone() for k, v in state.models["model"].state_dict().items()}
 
     seen = AtStep5()
     full = Trainer(tiny_vit(tmp_path / "full"), [seen])
@@ -328,10 +333,10 @@ from hfx.trainers import Callback, load_config, train
 
 class SaveRankWeights(Callback):
     """After each checkpoint (written right after a restart here), every rank saves its model's weights."""
-    def on_save(self, trainer, checkpoint_dir):
-        state = {k: v.contiguous() for k, v in trainer.unwrapped("model").state_dict().items()}
-        rank = trainer.accelerator.process_index
-        save_file(state, f"{sys.argv[1]}/rank{rank}-step{trainer.global_step}.safetensors")
+    def on_save(self, state, control, checkpoint_dir):
+        weights = {k: v.contiguous() for k, v in state.models["model"].state_dict().items()}
+        rank = state.accelerator.process_index
+        save_file(weights, f"{sys.argv[1]}/rank{rank}-step{state.global_step}.safetensors")
 
 train(load_config("lm-stdlib", sys.argv[2:]), callbacks=[SaveRankWeights()])
 '''
@@ -349,7 +354,7 @@ def test_relora_under_two_process_cpu_ddp_leaves_identical_weights_on_both_ranks
                  "task_options.block_size=32", "task_options.model_options={hidden_size: 32, intermediate_size: 64, "
                  "num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2}", "train.max_steps=25",
                  "train.batch_size=4", "eval.every_steps=null", "eval.at_end=false", "checkpoint.every_steps=10",
-                 "log.report_to=[]", "log.every_steps=5", "scheduler={}",
+                 "log.report_to=[]", "log.every_steps=5", "scheduler={name: relora_jagged}",
                  RELORA.replace("prune_method: magnitude", "prune_method: random")]
     with socket_port() as port:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",

@@ -165,6 +165,6 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
-    step = json.loads((checkpoints[0] / "trainer_state.json").read_text())["global_step"]
+    step = json.loads((checkpoints[0] / "trainer_state.json").read_text())["counters"]["global_step"]
     assert 1 <= step < 100000 and checkpoints[0].name == f"checkpoint-{step}"
     assert f"stopped by signal 15 at step {step}" in stderr and "resume_from_checkpoint=latest" in stderr

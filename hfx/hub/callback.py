@@ -27,8 +27,8 @@ class HubCallback(Callback):
         private: create the repo private.
         revision: branch to push to.
         **facts: card facts (see :data:`hfx.hub.cards.FACT_KEYS`) on top of what the run provides: the
-            card facts the task's ``card(metrics)`` returns (for instance ``eval_num_samples`` and
-            ``eval_extractor`` of a sample-based metric), the Hub task type of its metrics, and the command.
+            facts the task's ``card_facts(metrics)`` returned, which the engine keeps in ``results.json`` (the
+            summary, the Hub task type, for instance ``eval_num_samples`` of a sample-based metric), and the command.
     """
 
     def __init__(self, push_to_hub: str | None = None, private: bool = False, revision: str | None = None,
@@ -42,28 +42,16 @@ class HubCallback(Callback):
         self.card_path = None
         self.commit_url: str | None = None
 
-    def on_train_end(self, trainer) -> None:
-        if not trainer.accelerator.is_main_process:
+    def on_train_end(self, state, control) -> None:
+        if not state.is_main_process:
             return
-        from hfx.hub.cards import FACT_KEYS, render_card
+        from hfx.hub.cards import render_card
         from hfx.hub.publish import push
 
-        facts = {"method": trainer.config.task, "command": _command_line()}
-        if trainer.task.hub_task_type:
-            facts["task_type"] = trainer.task.hub_task_type
-        # What the task says about its artifact: card facts by name (``model_summary`` is the summary); a
-        # load snippet only when written for any location (REPO_OR_PATH), else the generated one is better.
-        extra = dict(trainer.task.card(dict(trainer.last_eval)) or {})
-        if trainer.peft is not None:  # final/ holds an adapter: its summary, not the full model's
-            extra = trainer.peft.card(extra)
-        if "model_summary" in extra:
-            extra.setdefault("summary", extra.pop("model_summary"))
-        if "REPO_OR_PATH" not in str(extra.get("load_snippet", "REPO_OR_PATH")):
-            extra.pop("load_snippet")
-        facts.update({key: value for key, value in extra.items() if key in FACT_KEYS})
-        facts.update(self.facts)
+        # What the task says of its artifact (summary, Hub task type) is in results.json, which the card reads.
+        facts = {"command": _command_line(), **self.facts}
         try:
-            self.card_path = render_card(trainer.output_dir, **facts)
+            self.card_path = render_card(state.output_dir, **facts)
         except FileNotFoundError as err:  # an artifact kind the Hub layer does not know (a custom task's)
             if self.push_to_hub:
                 raise
@@ -71,8 +59,8 @@ class HubCallback(Callback):
             return
         logger.info("wrote the model card %s", self.card_path)
         if self.push_to_hub:
-            self.commit_url = push(trainer.output_dir, self.push_to_hub, private=self.private, revision=self.revision)
-            logger.info("pushed %s to %s", trainer.output_dir, self.commit_url)
+            self.commit_url = push(state.output_dir, self.push_to_hub, private=self.private, revision=self.revision)
+            logger.info("pushed %s to %s", state.output_dir, self.commit_url)
 
 
 def _command_line() -> str:

@@ -1,20 +1,21 @@
 """Hooks into the engine's loop, for behaviour that is neither a task's loss nor the engine's (ReLoRA's
-merge-and-reset every N steps, custom logging).
+merge-and-restart every N steps, freeze schedules, the model card, custom logging).
 
-A callback gets the :class:`~hfx.trainers.engine.Trainer` itself, so it can read ``trainer.global_step``,
-reach the unwrapped models (``trainer.unwrapped("model")``), the torch optimizers
-(``trainer.optimizers["main"].optimizer``: change state in place) and the schedulers. State a callback
-returns from :meth:`Callback.state_dict` is saved in every checkpoint and handed back to
-:meth:`Callback.load_state_dict` on resume, so the run continues exactly. That state must hold only
-tensors, numbers, strings, lists and dicts (it is loaded with ``torch.load(weights_only=True)``).
+As in transformers' ``TrainerCallback``, a callback never sees the engine: every hook gets the
+:class:`~hfx.trainers.state.RunState` (counters, ``accelerator``, the unwrapped ``models``, the torch
+``optimizers``, ``log()``) and a :class:`~hfx.trainers.state.TrainerControl` to ask for an evaluation, a
+checkpoint or a stop. What a callback needs beyond that it gets when it is built. State a callback returns
+from :meth:`Callback.state_dict` is saved in every checkpoint and handed back to
+:meth:`Callback.load_state_dict` on resume, so the run continues exactly; it must hold only tensors,
+numbers, strings, lists and dicts (it is loaded with ``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from hfx.trainers.engine import Trainer
+from hfx.trainers.errors import ConfigError
+from hfx.trainers.state import RunState, TrainerControl
 
 
 class Callback:
@@ -24,21 +25,21 @@ class Callback:
     #: in one run need different keys.
     state_key: str | None = None
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, state: RunState, control: TrainerControl) -> None:
         """After models, optimizers and data are prepared and a checkpoint (if any) is loaded."""
 
-    def on_step_end(self, trainer: Trainer) -> None:
-        """After each optimizer step (``trainer.global_step`` already counts it), before EMA, logging,
+    def on_step_end(self, state: RunState, control: TrainerControl) -> None:
+        """After each optimizer step (``state.global_step`` already counts it), before EMA, logging,
         evaluation and checkpointing of that step."""
 
-    def on_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+    def on_evaluate(self, state: RunState, control: TrainerControl, metrics: dict[str, float]) -> None:
         """After each evaluation with its metrics."""
 
-    def on_save(self, trainer: Trainer, checkpoint_dir: str) -> None:
-        """After a checkpoint folder is complete (main process only sees it renamed)."""
+    def on_save(self, state: RunState, control: TrainerControl, checkpoint_dir: str) -> None:
+        """After a checkpoint folder is complete."""
 
-    def on_train_end(self, trainer: Trainer) -> None:
-        """After the final artifact is saved."""
+    def on_train_end(self, state: RunState, control: TrainerControl) -> None:
+        """After the final artifact and ``results.json`` are written."""
 
     def state_dict(self) -> dict[str, Any] | None:
         """State to checkpoint, or None for a stateless callback."""
@@ -64,19 +65,25 @@ def register_callback(name: str):
     return add
 
 
-def build_callbacks(specs: list[dict[str, Any]]) -> list[Callback]:
-    """Instantiate ``[{name: ..., **options}]`` from a recipe; a bad option is a ValueError naming it."""
+def validate_callbacks(specs: list[dict[str, Any]]) -> None:
+    """Every ``callbacks:`` entry names a registered callback and options its constructor takes."""
     import inspect
 
-    from hfx.trainers.config import ConfigError
+    from hfx.trainers.config import _suggest
 
-    built = []
-    for spec in specs:
+    for i, spec in enumerate(specs):
+        if "name" not in spec:
+            raise ConfigError(f"callbacks[{i}] needs a 'name' (registered: {', '.join(sorted(CALLBACKS)) or 'none'})")
+        if spec["name"] not in CALLBACKS:
+            raise ConfigError(f"unknown callback {spec['name']!r}{_suggest(spec['name'], CALLBACKS, '', 'registered callbacks')}")
         options = {k: v for k, v in spec.items() if k != "name"}
-        cls = CALLBACKS[spec["name"]]
         try:
-            inspect.signature(cls).bind(**options)
+            inspect.signature(CALLBACKS[spec["name"]]).bind(**options)
         except TypeError as err:
-            raise ConfigError(f"callback {spec['name']!r}: {err}") from None
-        built.append(cls(**options))
-    return built
+            raise ConfigError(f"callbacks[{i}] ({spec['name']}): {err}") from None
+
+
+def build_callbacks(specs: list[dict[str, Any]]) -> list[Callback]:
+    """Instantiate ``[{name: ..., **options}]`` from a recipe (checked by :func:`validate_callbacks`)."""
+    validate_callbacks(specs)
+    return [CALLBACKS[spec["name"]](**{k: v for k, v in spec.items() if k != "name"}) for spec in specs]

@@ -1,4 +1,4 @@
-"""Training configuration: dataclasses loaded from YAML, overridable with ``key.sub=value``.
+"""Training configuration: plain dataclasses, read from YAML and checked key by key.
 
 A recipe is one YAML mapping::
 
@@ -11,27 +11,52 @@ A recipe is one YAML mapping::
     scheduler: {name: cosine, warmup_steps: 30}
     ...
 
-Every key is checked against the dataclass fields before anything is built: an unknown key is an error
-that names it and the closest valid key, a value of the wrong type is an error that names the key, the
-expected type and the value. :func:`load_config` returns the validated :class:`TrainConfig`, whose
-``task_options`` is already an instance of the task's own options dataclass.
+This module is a leaf: it knows the sections and their fields, nothing of tasks, callbacks or peft, and it
+changes nothing it checks. :func:`from_dict` builds a dataclass from a mapping: an unknown key is an error
+that names it and the closest valid key; a value of the wrong type, a NaN or infinite number, or a number
+outside the range a field declares (:func:`bounded`) is an error that names the key, what is allowed and
+the value. The checks that need the registries (the task's options, the scheduler's name, peft) are
+:mod:`hfx.trainers.recipe`'s, which also reads the files.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from hfx.trainers.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A recipe that cannot run: unknown key, wrong type, missing value. The message is one line."""
+_BOUNDS = {">0": (0, False, None, None), ">=0": (0, True, None, None), ">=1": (1, True, None, None),
+           "[0,1]": (0, True, 1, True), "[0,1)": (0, True, 1, False), "(0,1]": (0, False, 1, True)}
+
+
+def bounded(default: Any, bounds: str, hint: str = "") -> Any:
+    """A dataclass field whose value (when not None) must lie in ``bounds``: ``">0"``, ``">=0"``, ``">=1"``,
+    ``"[0,1]"``, ``"[0,1)"`` or ``"(0,1]"``. ``hint`` ends the error message (how to switch a feature off)."""
+    if bounds not in _BOUNDS:
+        raise ValueError(f"unknown bounds {bounds!r}; use one of {', '.join(_BOUNDS)}")
+    return field(default=default, metadata={"bounds": bounds, "hint": hint})
+
+
+def check_bounds(value: Any, bounds: str, key: str, hint: str = "") -> None:
+    """Raise :class:`ConfigError` naming ``key`` when ``value`` (a number or a tuple of them) is outside ``bounds``."""
+    if value is None:
+        return
+    for item in value if isinstance(value, (tuple, list)) else [value]:
+        low, low_closed, high, high_closed = _BOUNDS[bounds]
+        ok = (item >= low if low_closed else item > low) and (
+            high is None or (item <= high if high_closed else item < high))
+        if not ok:
+            allowed = bounds.replace(",", ", ") if bounds.startswith(("[", "(")) else bounds
+            what = f"in {allowed}" if bounds.startswith(("[", "(")) else allowed.replace(">=", ">= ").replace(">0", "> 0")
+            raise ConfigError(f"config key {key!r} must be {what}, got {value!r}{'; ' + hint if hint else ''}")
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -46,25 +71,25 @@ class DataConfig:
     """Keyword arguments of :func:`hfx.data.load` (for built-ins: of the dataset's builder)."""
     train_split: str = "train"
     eval_split: str | None = "test"
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    num_workers: int = 0
+    max_train_samples: int | None = bounded(None, ">=1", "null uses every example")
+    max_eval_samples: int | None = bounded(None, ">=1", "null uses every example")
+    num_workers: int = bounded(0, ">=0")
 
 
 @dataclass
 class TrainLoopConfig:
     """How long to train and how one optimizer step is made."""
 
-    max_steps: int | None = None
+    max_steps: int | None = bounded(None, ">=1")
     """Optimizer steps in total. When unset, ``epochs`` decides."""
-    epochs: float | None = None
-    batch_size: int = 32
+    epochs: float | None = bounded(None, ">0")
+    batch_size: int = bounded(32, ">=1")
     """Examples per process per micro-batch; the global batch is batch_size x processes x accumulation."""
-    eval_batch_size: int | None = None
-    gradient_accumulation_steps: int = 1
+    eval_batch_size: int | None = bounded(None, ">=1", "null uses train.batch_size")
+    gradient_accumulation_steps: int = bounded(1, ">=1")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     """None: what ``accelerate launch`` / ``accelerate config`` says (``no`` without either)."""
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = bounded(1.0, ">0", "null turns gradient clipping off")
     nan_policy: Literal["stop", "skip"] = "stop"
     """What a non-finite loss does: stop the run with an error, or skip that optimizer step."""
 
@@ -75,26 +100,32 @@ class OptimizerConfig:
     weight decay."""
 
     name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    momentum: float = 0.9
+    lr: float = bounded(1e-3, ">0")
+    weight_decay: float = bounded(0.0, ">=0")
+    betas: tuple[float, float] = bounded((0.9, 0.999), "[0,1)")
+    eps: float = bounded(1e-8, ">0")
+    momentum: float = bounded(0.9, "[0,1)")
     """SGD only."""
 
 
 @dataclass
 class SchedulerConfig:
-    """Learning-rate schedule: a name registered with :func:`hfx.trainers.register_schedule`."""
+    """Learning-rate schedule, stepped once per optimizer step (``reduce_lr_on_plateau``: once per evaluation).
+
+    ``name`` is a transformers ``SchedulerType`` (``constant``, ``constant_with_warmup``, ``linear``, ``cosine``,
+    ``cosine_with_min_lr``, ``cosine_with_restarts``, ``polynomial``, ``inverse_sqrt``, ``warmup_stable_decay``,
+    ``reduce_lr_on_plateau``), built by ``transformers.get_scheduler`` exactly as ``TrainingArguments`` would, or
+    a schedule registered with :func:`hfx.trainers.register_schedule` (``relora_jagged``)."""
 
     name: str = "constant"
-    """``constant``, ``linear``, ``cosine`` (all with linear warm-up), ``plateau`` (ReduceLROnPlateau on
-    ``eval.metric``), or any registered name."""
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    """Floor of ``linear``/``cosine`` as a fraction of the peak learning rate."""
+    warmup_steps: int = bounded(0, ">=0")
+    """Linear warm-up from 0 over this many optimizer steps (transformers' ``num_warmup_steps``)."""
+    min_lr_ratio: float = bounded(0.0, "[0,1]")
+    """Floor as a fraction of the peak learning rate, for the schedules that have one (``cosine_with_min_lr``
+    and ``cosine``, which becomes ``cosine_with_min_lr`` when the floor is above 0; ``reduce_lr_on_plateau``)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments of the schedule's factory (``plateau``: factor, patience, threshold)."""
+    """Extra keyword arguments of the schedule (transformers' ``lr_scheduler_kwargs``: ``num_cycles``,
+    ``power``, ``factor``, ``patience``, ...)."""
 
 
 @dataclass
@@ -102,32 +133,34 @@ class EMAConfig:
     """Exponential moving average of the weights (of every model the task lists in ``ema_models``)."""
 
     enabled: bool = False
-    decay: float = 0.999
+    decay: float = bounded(0.999, "[0,1]")
     warmup: bool = True
     """Use ``min(decay, (1 + n) / (10 + n))`` after n updates, so early averages are not dominated by
     the random initialisation (as diffusers' EMAModel)."""
-    update_every: int = 1
+    update_every: int = bounded(1, ">=1")
     use_for_eval: bool = True
     use_for_final: bool = True
 
 
 @dataclass
 class EvalConfig:
-    every_steps: int | None = None
+    every_steps: int | None = bounded(None, ">=1", "null evaluates only at the end")
+    at_start: bool = False
+    """Evaluate once before the first step (logged at step 0): the baseline a fine-tuning run starts from."""
     at_end: bool = True
     metric: str | None = None
-    """The metric that early stopping and ``scheduler.name=plateau`` watch (a key of the task's
+    """The metric that early stopping and ``scheduler.name=reduce_lr_on_plateau`` watch (a key of the task's
     evaluation, e.g. ``accuracy`` or ``perplexity``)."""
     mode: Literal["min", "max"] = "min"
-    early_stopping_patience: int | None = None
+    early_stopping_patience: int | None = bounded(None, ">=1", "null turns early stopping off")
     """Stop after this many evaluations without an improvement of more than ``min_delta``."""
-    min_delta: float = 0.0
+    min_delta: float = bounded(0.0, ">=0")
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int | None = None
-    total_limit: int | None = None
+    every_steps: int | None = bounded(None, ">=1", "null saves no periodic checkpoint")
+    total_limit: int | None = bounded(None, ">=1", "null keeps every checkpoint")
     """Keep only the newest N complete ``checkpoint-<step>`` folders."""
     on_signal: bool = True
     """Save a checkpoint, then exit, on SIGTERM / SIGINT."""
@@ -135,7 +168,7 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    every_steps: int = 10
+    every_steps: int = bounded(10, ">=1")
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Trackers accelerate supports (``tensorboard``, ``wandb``, ``mlflow``, ...); ``[]`` for none."""
     project_name: str = "hfx"
@@ -148,7 +181,7 @@ class FreezeConfig:
     train_only: list[str] = field(default_factory=list)
     """Regular expressions (``re.search``) over ``<model name>.<parameter name>`` (``model.head.weight``); the
     trainable parameters that match none are frozen. Empty: nothing is frozen."""
-    unfreeze_at_step: int | None = None
+    unfreeze_at_step: int | None = bounded(None, ">=1", "null never unfreezes")
     """After this many optimizer steps the frozen parameters train too (one process only); None: never."""
 
 
@@ -158,13 +191,17 @@ class TrainConfig:
 
     task: str
     output_dir: str = "outputs/run"
-    seed: int = 0
+    seed: int = bounded(0, ">=0")
     resume_from_checkpoint: str | None = None
-    """``latest`` (the newest complete checkpoint in ``output_dir``, or a fresh start when there is
-    none) or the path of a ``checkpoint-<step>`` folder."""
+    """``latest`` (the newest complete checkpoint in ``output_dir``, or a fresh start when the folder holds
+    no run) or the path of a ``checkpoint-<step>`` folder."""
     overwrite_output_dir: bool = False
-    """Start over in an ``output_dir`` that holds a previous run (its checkpoints, metrics and final
-    artifact are deleted). Without it, such a run is refused unless it resumes."""
+    """Start over in an ``output_dir`` that holds a previous hfx run (the files that run wrote are deleted,
+    nothing else). Without it, such a run is refused unless it resumes."""
+    allow_config_change: bool = False
+    """Resume although the config differs from the checkpoint's in a key that changes the training (the
+    learning rate, the batch size, ...): the resumed run is then not the uninterrupted one, and the changed
+    keys are recorded in ``results.json``. Without it such a resume is refused."""
     data: DataConfig = field(default_factory=DataConfig)
     task_options: Any = None
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
@@ -186,7 +223,13 @@ class TrainConfig:
     """A Hub repo id (``user/name``): ``hfx train`` pushes the final artifact, its card and images there
     at the end of the run (never checkpoints or logs); see :func:`hfx.hub.push`."""
     recipe: str | None = None
-    """Where the recipe came from (filled in by :func:`load_config`)."""
+    """Where the recipe came from (filled in by :func:`hfx.trainers.load_config`)."""
+
+
+#: Keys a resume may change without changing what the run computes (checked against the checkpoint's
+#: config by the engine; any other difference needs ``allow_config_change``). Prefixes end with a dot.
+RESUME_SAFE_KEYS = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "allow_config_change", "recipe",
+                    "push_to_hub", "log.", "checkpoint.", "eval.at_start", "eval.at_end")
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -195,7 +238,7 @@ def from_dict(cls: type, data: Any, prefix: str = ""):
 
     Raises:
         ConfigError: ``data`` is not a mapping, holds a key ``cls`` lacks (the message suggests the
-            closest field), misses a required field, or holds a value of the wrong type.
+            closest field), misses a required field, or holds a value of the wrong type or out of range.
     """
     where = prefix.rstrip(".") or "the config"
     if data is None:
@@ -211,21 +254,29 @@ def from_dict(cls: type, data: Any, prefix: str = ""):
     for name, f in fields.items():
         if name in data:
             values[name] = coerce(data[name], hints[name], prefix + name)
+            if "bounds" in f.metadata:
+                check_bounds(values[name], f.metadata["bounds"], prefix + name, f.metadata.get("hint", ""))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key {prefix + name!r}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:  # a dataclass's own __post_init__ check
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
 
 
-def _suggest(key: str, valid, prefix: str) -> str:
+def _suggest(key: str, valid, prefix: str, what: str = "valid keys") -> str:
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     if close:
         return f"; did you mean {prefix + close[0]!r}?"
-    return f"; valid keys: {', '.join(prefix + name for name in valid)}"
+    return f"; {what}: {', '.join(prefix + name for name in valid)}"
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it in that type (``"3e-4"`` for a float,
-    a list for a tuple). Raises :class:`ConfigError` naming ``key`` when it does not fit."""
+    a list for a tuple). Raises :class:`ConfigError` naming ``key`` when it does not fit; a float must be
+    finite (NaN and infinity are refused everywhere)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
@@ -252,13 +303,18 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -338,96 +394,6 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
-    """Read a recipe (a YAML path, a shipped recipe name such as ``"classify-digits"``, or a mapping),
-    apply ``overrides`` and validate all of it, the task's own options included.
-
-    Returns:
-        A :class:`TrainConfig` whose ``task_options`` is an instance of the task's ``Options`` dataclass.
-
-    Raises:
-        ConfigError: unknown key (with the closest valid key), wrong type, unknown task, missing dataset.
-        FileNotFoundError: ``source`` names no file and no shipped recipe.
-    """
-    from hfx.trainers.tasks import get_task
-
-    recipe = None
-    if isinstance(source, dict):
-        raw = source
-    else:
-        from hfx.resources import training_config
-
-        path = training_config(str(source))
-        recipe = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a mapping of config keys, got {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides or [])
-    if raw.get("recipe") is None:
-        raw["recipe"] = recipe
-    config = from_dict(TrainConfig, raw)
-    task_cls = get_task(config.task)
-    config.task_options = from_dict(task_cls.Options, raw.get("task_options"), "task_options.")
-    validate(config, task_cls)
-    return config
-
-
-def validate(config: TrainConfig, task_cls: type) -> None:
-    """Checks across fields, done before anything is built."""
-    from hfx.trainers.callbacks import CALLBACKS
-    from hfx.trainers.checkpoint import previous_run_files, resolve_checkpoint
-    from hfx.trainers.peft import validate_freeze, validate_peft
-    from hfx.trainers.schedules import SCHEDULES
-
-    t = config.train
-    if config.data.dataset is None and task_cls.needs_dataset:
-        raise ConfigError(f"missing required config key 'data.dataset' (task {config.task!r} trains on a dataset)")
-    dataset = config.data.dataset
-    if dataset is not None and dataset.startswith((".", "/", "~")) and not Path(dataset).expanduser().exists():
-        raise ConfigError(f"data.dataset {dataset!r} does not exist")
-    if t.max_steps is None and t.epochs is None:
-        raise ConfigError("set train.max_steps or train.epochs (neither is set)")
-    for key, value in (("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
-                       ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
-                       ("log.every_steps", config.log.every_steps), ("ema.update_every", config.ema.update_every),
-                       ("eval.every_steps", config.eval.every_steps),
-                       ("checkpoint.every_steps", config.checkpoint.every_steps),
-                       ("checkpoint.total_limit", config.checkpoint.total_limit)):
-        if value is not None and value < 1:
-            raise ConfigError(f"config key {key!r} must be >= 1, got {value}")
-    if t.epochs is not None and t.epochs <= 0:
-        raise ConfigError(f"config key 'train.epochs' must be > 0, got {t.epochs}")
-    if config.resume_from_checkpoint not in (None, "latest"):
-        resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)  # FileNotFoundError naming it
-    elif config.resume_from_checkpoint is None and not config.overwrite_output_dir:
-        previous = previous_run_files(config.output_dir)
-        if previous:
-            raise ConfigError(f"output_dir {config.output_dir} already holds a run ({', '.join(previous)}); set "
-                              "resume_from_checkpoint=latest to continue it or overwrite_output_dir=true to start over")
-    validate_peft(config)  # before the scheduler check: ReLoRA sets its own schedule
-    validate_freeze(config)
-    if config.scheduler.name not in SCHEDULES:
-        raise ConfigError(f"unknown scheduler.name {config.scheduler.name!r}"
-                          f"{_suggest(config.scheduler.name, SCHEDULES, '')}".replace("valid keys", "registered schedules"))
-    needs_metric = config.scheduler.name == "plateau" or config.eval.early_stopping_patience is not None
-    if needs_metric and config.eval.metric is None:
-        raise ConfigError("eval.metric must name the metric that scheduler 'plateau' / early stopping watch")
-    for name, override in config.optimizers.items():
-        for key in override:
-            valid = [f.name for f in dataclasses.fields(OptimizerConfig)]
-            if key not in valid:
-                raise ConfigError(f"unknown config key {f'optimizers.{name}.{key}'!r}{_suggest(key, valid, f'optimizers.{name}.')}")
-    for i, spec in enumerate(config.callbacks):
-        if "name" not in spec:
-            raise ConfigError(f"callbacks[{i}] needs a 'name' (registered: {', '.join(sorted(CALLBACKS)) or 'none'})")
-        if spec["name"] not in CALLBACKS:
-            raise ConfigError(f"unknown callback {spec['name']!r}{_suggest(spec['name'], CALLBACKS, '')}"
-                              .replace("valid keys", "registered callbacks"))
-
-
 def optimizer_config(config: TrainConfig, name: str) -> OptimizerConfig:
     """The ``optimizer`` section with the per-optimizer overrides of ``optimizers.<name>`` applied."""
     return from_dict(OptimizerConfig, merge(dataclasses.asdict(config.optimizer), config.optimizers.get(name, {})),
@@ -451,3 +417,27 @@ def to_dict(config: TrainConfig) -> dict[str, Any]:
 
 def dump_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def flat_items(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_items(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys (``optimizer.lr``) whose values differ between two :func:`to_dict` configs, except those of
+    :data:`RESUME_SAFE_KEYS`; each as ``key: old -> new``."""
+    old, new = flat_items(saved), flat_items(current)
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == safe or (safe.endswith(".") and key.startswith(safe)) for safe in RESUME_SAFE_KEYS):
+            continue
+        if old.get(key) != new.get(key):
+            changed.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changed

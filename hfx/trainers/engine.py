@@ -1,23 +1,29 @@
 """The one training loop of hfx, under Accelerate.
 
 :meth:`Trainer.fit` runs, for every batch: data, forward, loss, backward, (on the last micro-batch of an
-accumulation window) NaN guard, clip, optimizer step, schedule, then EMA, callbacks, log, eval and
+accumulation window) NaN guard, clip, optimizer step, schedule, then callbacks, EMA, log, eval and
 checkpoint, in that order, once. A task (``hfx.trainers.tasks``) supplies only its models, data, the loss
-of a batch, its evaluation and its artifact. Launch with ``hfx train CONFIG key=value ...`` or
+of a batch, its evaluation, its state and its artifact; tasks and callbacks see a
+:class:`~hfx.trainers.state.RunState`, never the engine. Launch with ``hfx train CONFIG key=value ...`` or
 ``accelerate launch [--config_file training/accelerate/<setup>.yaml] -m hfx train CONFIG``.
 
 Everything a run writes goes into ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl``,
-``logs/`` (TensorBoard), ``checkpoint-<step>/`` and ``final/`` (the task's ``save_pretrained`` artifact; its
-model card is rendered at the end by ``hfx.hub``'s callback, which every run gets). A checkpoint holds models, optimizers, grad scaler and RNG states (``accelerator.save_state``)
-plus schedulers, EMA, callback state and the counters (step, epoch, batches consumed in the epoch), so a
-resumed run continues exactly as the uninterrupted one: the sampler is accelerate's seedable sampler
-(same order every run) and the loader has its own generator, so no data-side draw shifts the global RNG.
+``logs/`` (TensorBoard), ``checkpoint-<step>/``, ``final/`` (the task's ``save_pretrained`` artifact; its
+model card is rendered at the end by ``hfx.hub``'s callback, which every run gets) and ``results.json``.
+
+**Resume is exact or refused.** A checkpoint holds models, optimizers, grad scaler and the RNG of every
+process (``accelerator.save_state``), schedulers, EMA, the task's state (per process), callback state, the
+counters, the unfinished log window, the last evaluation, how many records ``metrics.jsonl`` had, and the
+resolved config. A resumed run continues as the uninterrupted one: the sampler is accelerate's seedable
+sampler and the loader has its own generator, so no data-side draw shifts the global RNG; ``metrics.jsonl``
+is cut back to the checkpoint's records. A checkpoint with a missing or changed file, written by another
+number of processes, or a config that differs in a key that changes the training is refused with the
+reason (``allow_config_change=true`` resumes anyway and records the changes).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -38,32 +44,20 @@ from tqdm.auto import tqdm
 from hfx._registry import default_train_callbacks
 from hfx.trainers import checkpoint as ckpt
 from hfx.trainers.callbacks import Callback, build_callbacks
-from hfx.trainers.config import TrainConfig, dump_yaml, load_config, optimizer_config, to_dict
+from hfx.trainers.config import TrainConfig, config_changes, dump_yaml, optimizer_config, to_dict
 from hfx.trainers.ema import EMA
-from hfx.trainers.peft import FreezeRun, apply_peft
-from hfx.trainers.schedules import SCHEDULES
+from hfx.trainers.errors import ConfigError, NonFiniteLossError, ResumeError
+from hfx.trainers.freeze import FreezeRun
+from hfx.trainers.integrations import PEFT_INTEGRATIONS
+from hfx.trainers.peft import apply_peft, log_trainable
+from hfx.trainers.recipe import load_config
+from hfx.trainers.schedules import build_schedule, is_plateau
+from hfx.trainers.state import RunState, TrainerControl
 from hfx.trainers.tasks import get_task
 
 logger = logging.getLogger(__name__)
 
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite and ``train.nan_policy`` is ``stop``."""
-
-
-@dataclass
-class TrainState:
-    """The counters a checkpoint restores (all but the weights, optimizers and RNG)."""
-
-    global_step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0
-    """Micro-batches of the current epoch already consumed (resume skips exactly these)."""
-    samples_seen: int = 0
-    skipped_steps: int = 0
-    best_metric: float | None = None
-    evals_without_improvement: int = 0
-    train_seconds: float = 0.0
+ENGINE_STATE = "engine_state.pt"
 
 
 @dataclass
@@ -73,7 +67,9 @@ class TrainResult:
     global_step: int
     metrics: dict[str, float] = field(default_factory=dict)
     stop_reason: str = "max_steps"
-    """``max_steps``, ``early_stopping``, ``signal`` (a checkpoint was saved; exit code 128 + signal)."""
+    """``max_steps``, ``early_stopping``, ``callback`` (a callback set ``control.should_training_stop``),
+    ``finished`` (``resume_from_checkpoint=latest`` on a run that had finished: nothing was done), ``signal``
+    (a checkpoint was saved; exit code 128 + signal)."""
     signal: int | None = None
 
 
@@ -93,18 +89,19 @@ def train(source: str | Path | dict | TrainConfig, overrides: list[str] | None =
 class Trainer:
     """Runs one training job described by a validated :class:`TrainConfig`.
 
-    Callbacks and tasks reach the run through: ``global_step``, ``state``, ``models`` (prepared),
-    :meth:`unwrapped`, ``optimizers`` (accelerate-wrapped; ``.optimizer`` is the torch one),
-    ``schedulers``, ``ema``, ``accelerator``, ``config``, ``peft`` (a :class:`~hfx.trainers.peft.PeftRun`
-    when the recipe has a ``peft:`` section, else None).
+    After (or during) :meth:`fit`, a caller can inspect ``state`` (the :class:`RunState`), ``models``
+    (prepared), ``optimizers`` (accelerate-wrapped; ``.optimizer`` is the torch one), ``schedulers``,
+    ``ema``, ``callbacks`` and ``accelerator``. Tasks and callbacks never receive the Trainer.
     """
 
     def __init__(self, config: TrainConfig, callbacks: list[Callback] = ()):
         self.config = config
         self.output_dir = Path(config.output_dir)
-        self.state = TrainState()
+        self.state = RunState(output_dir=self.output_dir, config=config)
+        self.control = TrainerControl()
         self._extra_callbacks = list(callbacks)
         self._signal: int | None = None
+        self._signal_phase = "training"
 
     @property
     def global_step(self) -> int:
@@ -116,10 +113,17 @@ class Trainer:
 
     # ================================================================================== the run
     def fit(self) -> TrainResult:
-        self._setup()
         with self._signal_handlers():
+            finished = self._setup()
+            if finished is not None:
+                return finished
             stop_reason = self._loop()
-        return self._finish(stop_reason)
+            if stop_reason != "signal":
+                stop_reason = self._finish(stop_reason)
+        self.accelerator.end_training()
+        if stop_reason == "signal":
+            return TrainResult(self.output_dir, None, self.state.global_step, self.last_eval, "signal", self._signal)
+        return TrainResult(self.output_dir, self.output_dir / "final", self.state.global_step, self.last_eval, stop_reason)
 
     def _loop(self) -> str:
         acc, state, task = self.accelerator, self.state, self.task
@@ -127,11 +131,14 @@ class Trainer:
         self._progress = tqdm(total=self.total_steps, initial=state.global_step, desc="train", dynamic_ncols=True,
                               disable=not acc.is_local_main_process, mininterval=0.1 if sys.stderr.isatty() else 10.0)
         self._tick = (time.perf_counter(), state.samples_seen)
+        self._run_start = (time.perf_counter(), state.global_step)
+        if self.config.eval.at_start and state.global_step == 0 and self._last_eval_step != 0:
+            self._evaluate()
         while state.global_step < self.total_steps:
             for batch in self._epoch_batches():
                 state.batches_in_epoch += 1
                 with acc.accumulate(*self.models.values()):
-                    for phase in task.phases(state.global_step):
+                    for phase in task.phases(state):
                         self._forward_backward(batch, phase)
                         if acc.sync_gradients:
                             self._optimizer_step(phase)
@@ -141,20 +148,23 @@ class Trainer:
                 state.samples_seen += self.global_batch_size
                 stop_reason = self._after_step()
                 if stop_reason:
+                    self._progress.close()
                     return stop_reason
                 if state.global_step >= self.total_steps:
                     break
             else:  # the epoch ran out (not a break): the next one starts from its first batch
                 state.epoch += 1
                 state.batches_in_epoch = 0
+        self._progress.close()
         return "max_steps"
 
     def _forward_backward(self, batch, phase: str) -> None:
         """Forward and loss of one micro-batch under autocast, then backward (scaled for accumulation
         and fp16 by accelerate). Only the parameters of ``phase``'s optimizer require gradients."""
+        self.state.phase = phase
         with self._only_trainable(phase):
             with self.accelerator.autocast():
-                out = self.task.loss(self._phase_models[phase], batch, phase)
+                out = self.task.loss(self._phase_models[phase], batch, self.state)
             loss, extra = out if isinstance(out, tuple) else (out, {})
             self.accelerator.backward(loss)
         window = self._window.setdefault(phase, {})
@@ -192,64 +202,71 @@ class Trainer:
 
     def _after_step(self) -> str | None:
         """Everything that follows an optimizer step: callbacks, EMA, log, eval, checkpoint, stop."""
-        cfg, state = self.config, self.state
+        cfg, state, control = self.config, self.state, self.control
         step = state.global_step
         for callback in self.callbacks:
-            callback.on_step_end(self)
+            callback.on_step_end(state, control)
         if self.ema and step % cfg.ema.update_every == 0:
             for name, ema in self.ema.items():
                 ema.update(self.unwrapped(name))
         self._progress.update(1)
+        self._report_pace()
         if step % cfg.log.every_steps == 0 or step == self.total_steps:
             self._log_train()
         stop = None
-        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < self.total_steps:
+        periodic_eval = cfg.eval.every_steps and step % cfg.eval.every_steps == 0
+        if (periodic_eval or control.should_evaluate) and step < self.total_steps:
             if self._evaluate():
                 stop = "early_stopping"
         saved = False
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+        if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or control.should_save:
             self.save_checkpoint()
             saved = True
+        if control.should_training_stop and stop is None:
+            stop = "callback"
+        control.reset()
         if cfg.checkpoint.on_signal and self._signal_received():
             if not saved:
                 self.save_checkpoint()
             return "signal"
         return stop
 
+    def _report_pace(self) -> None:
+        """Once, after the first ten steps of this process's run: the step time and the expected duration."""
+        start, first_step = self._run_start
+        done = self.state.global_step - first_step
+        if done != 10 or not self.accelerator.is_main_process:
+            return
+        per_step = (time.perf_counter() - start) / done
+        left = per_step * (self.total_steps - self.state.global_step)
+        threads = torch.get_num_threads()
+        logger.info("%.3g s a step (%d torch thread%s): about %s for the remaining %d steps", per_step, threads,
+                    "" if threads == 1 else "s", _duration(left), self.total_steps - self.state.global_step)
+
     # ================================================================================== set-up
-    def _setup(self) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import (
-            DataLoaderConfiguration,
-            GradientAccumulationPlugin,
-            ProjectConfiguration,
-            set_seed,
-        )
+    def _setup(self) -> TrainResult | None:
+        """Prepare the run; returns a result instead when there is nothing to do (a finished run resumed)."""
+        from accelerate.utils import set_seed
 
         cfg = self.config
         self.accumulation = cfg.train.gradient_accumulation_steps
-        acc = self.accelerator = Accelerator(
-            mixed_precision=cfg.train.mixed_precision,
-            # Every optimizer step sees exactly `accumulation` micro-batches, also across an epoch end.
-            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.accumulation,
-                                                                    sync_with_dataloader=False),
-            # The seedable sampler gives the same order in every run, so resume can skip exactly.
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-            # Schedules are stepped here, once per optimizer step (accelerate would step them once per process).
-            step_scheduler_with_optimizer=False,
-            log_with=cfg.log.report_to or None,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
-                                                logging_dir=str(self.output_dir / "logs")),
-        )
+        acc = self.accelerator = self.state.accelerator = _make_accelerator(cfg, self.output_dir)
         if acc.mixed_precision == "fp16" and acc.scaler is None:
             logger.warning("fp16 mixed precision on %s runs in float32 (accelerate has no gradient scaler there); "
                            "use train.mixed_precision=bf16 on the CPU", acc.device.type)
         task = self.task = get_task(cfg.task)(cfg, acc)
-        resume_from = ckpt.resolve_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
+        if cfg.resume_from_checkpoint == "latest" and self._finished_before():
+            return self._finished_result()
+        resume_from = ckpt.resolve_checkpoint(cfg.resume_from_checkpoint, self.output_dir, acc.num_processes)
+        saved_state = ckpt.read_state(resume_from) if resume_from is not None else None
+        if resume_from is None and cfg.resume_from_checkpoint == "latest":
+            self._check_fresh_start()
+        if saved_state is not None:
+            self._check_resumable(resume_from, saved_state)
         if acc.is_main_process:
             if resume_from is None:  # a new run: nothing of an earlier one may mix into its outputs
                 ckpt.clear_previous_run(self.output_dir)
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.claim_output_dir(self.output_dir)
             (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
             ckpt.prune(self.output_dir, None)  # .tmp folders of a killed save
         acc.wait_for_everyone()
@@ -259,12 +276,18 @@ class Trainer:
         set_seed(cfg.seed)  # the same initial weights on every process and in every run
         data = task.build_data()  # before any model: a missing dataset fails fast
         models = task.build_models()
-        self.peft = apply_peft(self, models)  # wraps a model in place, before optimizers see its parameters
+        # Wraps a model in place, before the optimizers see its parameters.
+        self.peft = apply_peft(cfg, models, acc, self.output_dir, self._save_artifact, task.peft_task_type)
+        integration = PEFT_INTEGRATIONS.get(self.peft.method) if self.peft is not None else None
+        if integration is not None:
+            integration.prepare(self.peft, models[self.peft.model_name], acc.num_processes)
+        if self.peft is not None:
+            log_trainable(self.peft, models[self.peft.model_name])
         groups = task.optimizer_groups(models)
         self._check_groups(models, groups)
-        if self.peft is not None:
-            self.callbacks.extend(self.peft.callbacks(groups))
-        task._model_names, task._optimizer_names = list(models), list(groups)
+        if integration is not None:
+            optimizer = next(name for name, members in groups.items() if self.peft.model_name in members)
+            self.callbacks.extend(integration.callbacks(self.peft, optimizer))
         for model in models.values():
             model.train()
         freeze = FreezeRun.select(cfg.freeze, models, acc.num_processes, len(groups))  # `freeze:` fine-tuning schedules
@@ -286,20 +309,24 @@ class Trainer:
         self.train_loader = prepared[n_models + n_opts]
         self.eval_loader = prepared[n_models + n_opts + 1] if eval_loader is not None else None
         if len(self.train_loader) < 1:
-            raise ValueError(f"the train split has {len(data.train)} examples, fewer than one batch of "
-                             f"{cfg.train.batch_size} per process x {acc.num_processes} process(es)")
+            raise ConfigError(f"the train split has {len(data.train)} examples, fewer than one batch of "
+                              f"train.batch_size={cfg.train.batch_size} per process x {acc.num_processes} process(es)")
 
         self.global_batch_size = cfg.train.batch_size * acc.num_processes * self.accumulation
         if cfg.train.max_steps is not None:
             self.total_steps = cfg.train.max_steps
         else:
             self.total_steps = max(1, math.ceil(cfg.train.epochs * len(self.train_loader) / self.accumulation))
+        self.state.max_steps = self.total_steps
+        self.state.models = {name: self.unwrapped(name) for name in self.models}
+        self.state.optimizers = {name: opt.optimizer for name, opt in self.optimizers.items()}
+        self.state._log = self._record
 
-        self.schedulers = {name: self._schedule(opt) for name, opt in self.optimizers.items()}
-        self._per_step_schedule = cfg.scheduler.name != "plateau"
+        self.schedulers = {name: build_schedule(cfg, opt.optimizer, self.total_steps) for name, opt in self.optimizers.items()}
+        self._per_step_schedule = not is_plateau(cfg.scheduler.name)
         self.ema = {}
         if cfg.ema.enabled:
-            self.ema = {name: EMA(self.unwrapped(name), cfg.ema.decay, cfg.ema.warmup) for name in task.ema_models()}
+            self.ema = {name: EMA(self.unwrapped(name), cfg.ema.decay, cfg.ema.warmup) for name in task.ema_models(models)}
 
         # In a phase, the models of that phase's optimizer run wrapped (DDP syncs their gradients); the
         # others run unwrapped with frozen parameters (no DDP hooks waiting for gradients that never come).
@@ -311,22 +338,84 @@ class Trainer:
                                   if p.requires_grad]
         self._window: dict[str, dict[str, Any]] = {}
         self._log_window: dict[str, dict[str, Any]] = {}
+        self._window_start_samples = 0
         self._metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=acc.is_main_process)
         self.last_eval: dict[str, float] = {}
         self._last_eval_step = -1
+        self.config_changes: list[str] = []
 
         if cfg.log.report_to:
             acc.init_trackers(cfg.log.project_name, config=_flat_hparams(to_dict(cfg)))
         set_seed(cfg.seed, device_specific=True)  # training randomness differs per process
         if resume_from is not None:
-            self.load_checkpoint(resume_from)
-        elif cfg.resume_from_checkpoint == "latest":
-            logger.info("resume_from_checkpoint=latest: no checkpoint in %s, starting a new run", self.output_dir)
+            self.load_checkpoint(resume_from, saved_state)
         for callback in self.callbacks:
-            callback.on_train_begin(self)
+            callback.on_train_begin(self.state, self.control)
         logger.info("training %s: %d steps, global batch %d (%d process(es) x %d x %d accumulation)",
                     cfg.task, self.total_steps, self.global_batch_size, acc.num_processes, cfg.train.batch_size,
                     self.accumulation)
+        return None
+
+    def _finished_before(self) -> bool:
+        """Whether ``output_dir`` holds a finished run (``results.json`` and ``final/``) of this same config."""
+        import yaml
+
+        if not ((self.output_dir / "results.json").is_file() and (self.output_dir / "final").is_dir()):
+            return False
+        try:
+            saved = yaml.safe_load((self.output_dir / "config.yaml").read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return False
+        return isinstance(saved, dict) and not config_changes(saved, to_dict(self.config))
+
+    def _finished_result(self) -> TrainResult:
+        """``resume_from_checkpoint=latest`` on a finished run of the same config: nothing to do, nothing written."""
+        results = json.loads((self.output_dir / "results.json").read_text())
+        logger.info("resume_from_checkpoint=latest: the run in %s finished at step %s; nothing to do", self.output_dir,
+                    results.get("step"))
+        self.last_eval = {k[5:]: v for k, v in results.items() if k.startswith("eval/")}
+        self.state.global_step = int(results.get("step", 0))
+        self.accelerator.end_training()
+        return TrainResult(self.output_dir, self.output_dir / "final", self.state.global_step, self.last_eval, "finished")
+
+    def _check_fresh_start(self) -> None:
+        """``resume_from_checkpoint=latest`` found no complete checkpoint: a folder without a run starts one;
+        a folder with one is refused, never silently started over (with ``overwrite_output_dir=true`` too it
+        starts over: "resume if you can, else start again")."""
+        previous = ckpt.previous_run_files(self.output_dir)
+        if not previous:
+            logger.info("resume_from_checkpoint=latest: no run in %s yet, starting one", self.output_dir)
+        elif self.config.overwrite_output_dir:
+            logger.warning("resume_from_checkpoint=latest: no complete checkpoint in %s; overwrite_output_dir=true, "
+                           "so the run starts over", self.output_dir)
+        else:
+            raise ResumeError(f"resume_from_checkpoint=latest: {self.output_dir} holds a run ({', '.join(previous)}) but "
+                              "no complete checkpoint to continue it from; set overwrite_output_dir=true to start over")
+
+    def _check_resumable(self, path: Path, saved: dict[str, Any]) -> None:
+        """Refuse a resume that could not continue exactly, naming the reason."""
+        acc = self.accelerator
+        processes = saved.get("num_processes")
+        if processes is not None and processes != acc.num_processes:
+            raise ResumeError(f"{path} was written by {processes} process(es); this run has {acc.num_processes}: resume "
+                              f"it with {processes} (the data order and each process's random state depend on it)")
+        config = saved.get("config")
+        if config is None:
+            logger.warning("%s was written by an earlier hfx and records no config: the config cannot be checked", path)
+            return
+        if config.get("task") != self.config.task:
+            raise ResumeError(f"{path} is a checkpoint of task {config.get('task')!r}, not {self.config.task!r}")
+        changes = config_changes(config, to_dict(self.config))
+        if changes and not self.config.allow_config_change:
+            raise ResumeError(f"resuming {path} with a changed config would not continue the same run ({'; '.join(changes[:4])}"
+                              f"{'; ...' if len(changes) > 4 else ''}): restore them, or set allow_config_change=true")
+        if changes:
+            logger.warning("resuming %s with a changed config (allow_config_change=true): %s", path, "; ".join(changes))
+        self.config_changes = changes
+
+    def _save_artifact(self, models: dict[str, torch.nn.Module], folder: Path) -> None:
+        """The task's artifact of ``models`` (plain, unwrapped) with their own weights, in ``folder``."""
+        self.task.save(models, {name: model.state_dict() for name, model in models.items()}, folder)
 
     @staticmethod
     def _check_groups(models: dict, groups: dict[str, list[str]]) -> None:
@@ -347,17 +436,6 @@ class Trainer:
             dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, collate_fn=collate_fn,
             num_workers=self.config.data.num_workers, generator=torch.Generator().manual_seed(self.config.seed),
         )
-
-    def _schedule(self, optimizer):
-        cfg = self.config.scheduler
-        options = dict(cfg.options)
-        if cfg.name == "plateau":
-            options.setdefault("mode", self.config.eval.mode)
-        try:
-            return SCHEDULES[cfg.name](optimizer.optimizer, total_steps=self.total_steps,
-                                       warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, **options)
-        except TypeError as err:
-            raise ValueError(f"scheduler {cfg.name!r}: {err} (check scheduler.options)") from None
 
     def _epoch_batches(self):
         loader = self.train_loader
@@ -422,7 +500,7 @@ class Trainer:
             if self.config.ema.use_for_eval:
                 for name, ema in self.ema.items():
                     stack.enter_context(ema.swapped_into(self.unwrapped(name)))
-            metrics = {k: float(v) for k, v in self.task.evaluate(self.models, self.eval_loader).items()}
+            metrics = {k: float(v) for k, v in self.task.evaluate(self.models, self.eval_loader, self.state).items()}
         for model in self.models.values():
             model.train()
         return metrics
@@ -432,15 +510,16 @@ class Trainer:
         cfg, state = self.config.eval, self.state
         metrics = self.evaluate()
         self.last_eval, self._last_eval_step = metrics, state.global_step
+        state.metrics = dict(metrics)
         if metrics:
             self._record({"step": state.global_step, **{f"eval/{k}": v for k, v in metrics.items()}})
             logger.info("step %d: %s", state.global_step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         for callback in self.callbacks:
-            callback.on_evaluate(self, metrics)
+            callback.on_evaluate(state, self.control, metrics)
         if cfg.metric is None:
             return False
         if cfg.metric not in metrics:
-            raise ValueError(f"eval.metric {cfg.metric!r} is not among the task's metrics: {', '.join(metrics) or 'none'}")
+            raise ConfigError(f"eval.metric {cfg.metric!r} is not among the task's metrics: {', '.join(metrics) or 'none'}")
         value = metrics[cfg.metric]
         if not self._per_step_schedule:
             for scheduler in self.schedulers.values():
@@ -468,48 +547,85 @@ class Trainer:
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))  # models, optimizers, scaler, RNG of every process
+        task_state = self.task.state_dict()
+        if task_state is not None:  # every process its own (an image pool differs per process)
+            torch.save(task_state, tmp / f"task_state_{acc.process_index}.pt")
         if acc.is_main_process:
             callback_state = {}
             for callback in self.callbacks:
                 state = callback.state_dict()
                 if state is not None:
                     callback_state[callback.state_key or type(callback).__name__] = state
+            now = time.perf_counter()
+            self.state.train_seconds += now - self._tick[0]
+            self._tick = (now, self._tick[1])
             torch.save({"schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
-                        "callbacks": callback_state}, tmp / "engine_state.pt")
+                        "callbacks": callback_state,
+                        "log_window": _plain_window(self._log_window),
+                        "log_window_samples": self._tick[1],
+                        "last_eval": {"step": self._last_eval_step, "metrics": dict(self.last_eval)}},
+                       tmp / ENGINE_STATE)
             if self.ema:
                 save_file({f"{name}/{k}": v.contiguous() for name, ema in self.ema.items()
                            for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
         acc.wait_for_everyone()
         final = tmp.with_name(f"checkpoint-{step}")
         if acc.is_main_process:
-            self.state.train_seconds += time.perf_counter() - self._tick[0]
-            self._tick = (time.perf_counter(), self._tick[1])
-            final = ckpt.commit(tmp, dataclasses.asdict(self.state))
+            final = ckpt.commit(tmp, {"counters": self.state.counters(), "num_processes": acc.num_processes,
+                                      "task": self.config.task, "metrics_records": self._metrics.records(),
+                                      "config": to_dict(self.config)})
             ckpt.prune(self.output_dir, self.config.checkpoint.total_limit)
             logger.info("saved %s", final)
         acc.wait_for_everyone()
         for callback in self.callbacks:
-            callback.on_save(self, str(final))
+            callback.on_save(self.state, self.control, str(final))
         return final
 
-    def load_checkpoint(self, path: Path) -> None:
-        """Restore everything :meth:`save_checkpoint` wrote; the metrics log is cut back to that step."""
+    def load_checkpoint(self, path: Path, saved: dict[str, Any] | None = None) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote; ``metrics.jsonl`` is cut back to the records it had
+        then. A file that cannot be read is a :class:`ResumeError` naming the checkpoint."""
+        from accelerate.utils.other import load as accelerate_load
         from safetensors.torch import load_file
 
-        self.accelerator.load_state(str(path))
-        self.state = TrainState(**json.loads((path / ckpt.STATE_FILE).read_text()))
-        extra = torch.load(path / "engine_state.pt", map_location="cpu", weights_only=True)
-        for name, scheduler in self.schedulers.items():
-            scheduler.load_state_dict(extra["schedulers"][name])
+        acc = self.accelerator
+        saved = saved or ckpt.read_state(path)
+        rng_file = path / f"random_states_{acc.process_index}.pkl"
+        try:
+            accelerate_load(rng_file)  # accelerate skips an unreadable random state silently: refuse instead
+        except Exception as err:
+            raise ResumeError(f"{rng_file} cannot be read ({_first_line(err)}): the resume would not be exact") from None
+        try:
+            acc.load_state(str(path))
+            extra = torch.load(path / ENGINE_STATE, map_location="cpu", weights_only=True)
+            for name, scheduler in self.schedulers.items():
+                scheduler.load_state_dict(extra["schedulers"][name])
+            task_file = path / f"task_state_{acc.process_index}.pt"
+            if task_file.is_file():
+                self.task.load_state_dict(torch.load(task_file, map_location="cpu", weights_only=True))
+            elif self.task.state_dict() is not None:
+                raise ResumeError(f"{path} holds no state of task {self.config.task!r} ({task_file.name})")
+            if self.ema:
+                flat = load_file(str(path / "ema.safetensors"), device=str(acc.device))
+                for name, ema in self.ema.items():
+                    ema.load_state_dict({k[len(name) + 1:]: v for k, v in flat.items() if k.startswith(name + "/")})
+        except ResumeError:
+            raise
+        except Exception as err:  # unpicklable, truncated, or weights of another architecture
+            raise ResumeError(f"cannot resume from {path}: {_first_line(err)}") from None
         for callback in self.callbacks:
             key = callback.state_key or type(callback).__name__
             if key in extra["callbacks"]:
                 callback.load_state_dict(extra["callbacks"][key])
-        if self.ema:
-            flat = load_file(str(path / "ema.safetensors"), device=str(self.accelerator.device))
-            for name, ema in self.ema.items():
-                ema.load_state_dict({k[len(name) + 1:]: v for k, v in flat.items() if k.startswith(name + "/")})
-        self._metrics.truncate_after(self.state.global_step)
+        self.state.load_counters(saved["counters"])
+        self._log_window = {phase: {k: (v if k == "_count" else torch.tensor(v)) for k, v in window.items()}
+                            for phase, window in extra.get("log_window", {}).items()}
+        self._tick = (time.perf_counter(), extra.get("log_window_samples", self.state.samples_seen))
+        last = extra.get("last_eval", {"step": -1, "metrics": {}})
+        self._last_eval_step, self.last_eval = last["step"], dict(last["metrics"])
+        self.state.metrics = dict(self.last_eval)
+        records = saved.get("metrics_records")
+        if acc.is_main_process:
+            self._metrics.restore(records, path.parent / "metrics.jsonl", self.state.global_step)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.global_step,
                     self.state.epoch, self.state.batches_in_epoch)
 
@@ -523,7 +639,10 @@ class Trainer:
         def handler(signum, frame):
             if self._signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # a second Ctrl-C: stop now
-            logger.warning("received signal %d: saving a checkpoint after this step, then exiting", signum)
+            if self._signal_phase == "final save":
+                logger.warning("received signal %d during the final save: finishing it, then exiting", signum)
+            else:
+                logger.warning("received signal %d: saving a checkpoint after this step, then exiting", signum)
             self._signal = signum
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -543,26 +662,45 @@ class Trainer:
         return received
 
     # ================================================================================== the end
-    def _finish(self, stop_reason: str) -> TrainResult:
+    def _finish(self, stop_reason: str) -> str:
+        """The final evaluation, ``final/``, ``results.json`` and the train-end callbacks. A signal during the
+        evaluation stops after it, with a checkpoint of this step (a step-N checkpoint taken before the
+        evaluation is kept as it is: the resumed run evaluates again, and ``metrics.jsonl`` holds it once);
+        during the save, the save completes."""
         acc, cfg = self.accelerator, self.config
-        self._progress.close()
         self.state.train_seconds += time.perf_counter() - self._tick[0]
-        if stop_reason == "signal":
-            acc.end_training()
-            return TrainResult(self.output_dir, None, self.state.global_step, self.last_eval, "signal", self._signal)
+        self._tick = (time.perf_counter(), self._tick[1])
         if cfg.eval.at_end and self._last_eval_step != self.state.global_step:
             self._evaluate()
+        if cfg.checkpoint.on_signal and self._signal_received():
+            if not (self.output_dir / f"checkpoint-{self.state.global_step}").is_dir():
+                self.save_checkpoint()  # with the final evaluation: the resumed run goes straight to the save
+            return "signal"
+        self._signal_phase = "final save"
         final = self.output_dir / "final"
         self.save_final(final)
         if acc.is_main_process:
             results = {"step": self.state.global_step, "stop_reason": stop_reason, "train_seconds": self.state.train_seconds,
                        "hardware": _hardware(), "processes": acc.num_processes,
-                       "skipped_steps": self.state.skipped_steps, **{f"eval/{k}": v for k, v in self.last_eval.items()}}
-            (self.output_dir / "results.json").write_text(json.dumps(results, indent=2))
+                       "skipped_steps": self.state.skipped_steps, **{f"eval/{k}": v for k, v in self.last_eval.items()},
+                       "card_facts": self._card_facts()}
+            if self.config_changes:
+                results["config_changes_on_resume"] = self.config_changes
+            tmp = self.output_dir / "results.json.tmp"
+            tmp.write_text(json.dumps(results, indent=2))
+            os.replace(tmp, self.output_dir / "results.json")
         for callback in self.callbacks:
-            callback.on_train_end(self)
-        acc.end_training()
-        return TrainResult(self.output_dir, final, self.state.global_step, self.last_eval, stop_reason)
+            callback.on_train_end(self.state, self.control)
+        return stop_reason
+
+    def _card_facts(self) -> dict[str, Any]:
+        """What the task (and peft) say the model card needs, kept in ``results.json`` for every later render."""
+        facts = {"method": self.config.task, **(self.task.card_facts(dict(self.last_eval)) or {})}
+        if self.task.hub_task_type:
+            facts["task_type"] = self.task.hub_task_type
+        if self.peft is not None:
+            facts = self.peft.card_facts(facts)
+        return facts
 
     def save_final(self, final: Path) -> None:
         """The task's artifact (EMA weights when ``ema.use_for_final``), written to ``final.tmp`` and renamed."""
@@ -588,12 +726,49 @@ class Trainer:
 
 
 # ====================================================================================== helpers
+def _make_accelerator(cfg: TrainConfig, output_dir: Path):
+    """The run's Accelerator. Processes started by a launcher (torchrun, ``accelerate launch``) on a machine
+    without an accelerator device join one CPU process group (gloo) instead of each training alone; a launcher
+    whose world size still differs from the Accelerator's is refused with the fix."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = launched > 1 and not _has_accelerator_device()
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=cfg.train.mixed_precision,
+        # Every optimizer step sees exactly `accumulation` micro-batches, also across an epoch end.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.gradient_accumulation_steps,
+                                                                sync_with_dataloader=False),
+        # The seedable sampler gives the same order in every run, so resume can skip exactly.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # Schedules are stepped here, once per optimizer step (accelerate would step them once per process).
+        step_scheduler_with_optimizer=False,
+        log_with=cfg.log.report_to or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    if launched != accelerator.num_processes:
+        raise ConfigError(f"the launcher started {launched} processes but accelerate set up {accelerator.num_processes} "
+                          f"({accelerator.distributed_type}): each would train alone into one output_dir; on a machine "
+                          "without GPUs set ACCELERATE_USE_CPU=1, or launch with --num_processes 1")
+    return accelerator
+
+
+def _has_accelerator_device() -> bool:
+    if torch.cuda.is_available():
+        return True
+    from accelerate.utils import is_mlu_available, is_npu_available, is_xpu_available
+
+    return is_xpu_available() or is_npu_available() or is_mlu_available()
+
+
 def build_optimizer(models: list[torch.nn.Module], cfg) -> torch.optim.Optimizer:
     """An optimizer over the trainable parameters of ``models``: weight decay on matrices and kernels,
     none on biases and norm weights (tensors of rank < 2)."""
     params = [p for model in models for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the optimizer has no trainable parameters (all requires_grad=False)")
+        raise ConfigError("the optimizer has no trainable parameters (all requires_grad=False)")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -619,6 +794,11 @@ def _set_epoch(loader, epoch: int) -> None:
         seen += 1
 
 
+def _plain_window(window: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The log window as floats (what a checkpoint stores; per-process sums, reduced when logged)."""
+    return {phase: {k: (v if k == "_count" else float(v)) for k, v in values.items()} for phase, values in window.items()}
+
+
 def _flat_hparams(config: dict, prefix: str = "") -> dict[str, Any]:
     """Nested config -> flat scalars for trackers (TensorBoard hparams take only numbers and strings)."""
     flat = {}
@@ -632,6 +812,15 @@ def _flat_hparams(config: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per line, written by the main process."""
 
@@ -643,12 +832,32 @@ class MetricsLog:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records of steps after ``step`` (a killed run may have logged past its last checkpoint),
-        so the resumed run's curve continues without duplicates."""
-        if not self.enabled or not self.path.exists():
+    def records(self) -> int:
+        """How many complete records the file holds (a torn last line does not count)."""
+        if not self.path.exists():
+            return 0
+        return sum(1 for line in self.path.read_text().split("\n")[:-1] if line)
+
+    def restore(self, records: int | None, source: Path, step: int) -> None:
+        """Keep the first ``records`` records (a checkpoint's count; what a killed run logged after it, torn
+        lines included, goes), copied from ``source`` when this run logs into another folder. A checkpoint of
+        an earlier hfx (no count) keeps the records of steps up to ``step``."""
+        origin = source if source.resolve() != self.path.resolve() else self.path
+        if not origin.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        lines = [line for line in origin.read_text().split("\n")[:-1] if line]
+        if records is None:
+            kept = []
+            for line in lines:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (ValueError, KeyError):
+                    raise ResumeError(f"{origin} has a line that is not a record: {line[:60]!r}") from None
+        else:
+            if len(lines) < records:
+                raise ResumeError(f"{origin} holds {len(lines)} records; the checkpoint was taken after {records}")
+            kept = lines[:records]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)

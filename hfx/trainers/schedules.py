@@ -1,28 +1,40 @@
-"""Learning-rate schedules by name, and the registry other packages add to (ReLoRA's jagged cosine).
+"""Learning-rate schedules: transformers' ``get_scheduler`` for every ``SchedulerType``, and a registry for the
+schedules transformers does not have (ReLoRA's jagged cosine registers itself from
+:mod:`hfx.trainers.integrations.relora`).
 
-A schedule factory is called as ``factory(optimizer, total_steps=..., warmup_steps=..., min_lr_ratio=...,
-**options)`` and returns a ``torch.optim.lr_scheduler.LRScheduler`` that the engine steps once per
-optimizer step, or a ``ReduceLROnPlateau`` that the engine steps once per evaluation with ``eval.metric``.
+``scheduler.name`` with ``scheduler.warmup_steps`` gives exactly the curve ``TrainingArguments(lr_scheduler_type=
+name, warmup_steps=...)`` gives. hfx adds two things: ``min_lr_ratio`` (``cosine`` with a floor above 0 is
+transformers' ``cosine_with_min_lr``; ``reduce_lr_on_plateau`` gets it as its ``min_lr``), and refusals where
+transformers would silently ignore a setting (``constant`` with warm-up steps, a floor on a schedule that
+has none).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 
-ScheduleFactory = Callable[..., "LRScheduler | ReduceLROnPlateau"]
+from hfx.trainers.errors import ConfigError
+
+#: A registered factory is called as ``factory(optimizer, config, total_steps)`` (``config`` the whole
+#: :class:`~hfx.trainers.config.TrainConfig`) and returns an ``LRScheduler`` the engine steps once per
+#: optimizer step.
+ScheduleFactory = Callable[..., "torch.optim.lr_scheduler.LRScheduler"]
 SCHEDULES: dict[str, ScheduleFactory] = {}
+
+#: transformers' schedules that take a floor, and the keyword it goes to.
+_FLOOR_KEYWORD = {"cosine_with_min_lr": "min_lr_rate", "cosine_warmup_with_min_lr": "min_lr_rate"}
 
 
 def register_schedule(name: str, factory: ScheduleFactory | None = None):
     """Register a schedule factory under ``name`` (usable as ``scheduler.name`` in a recipe). Works as a
     call, ``register_schedule("jagged-cosine", make_jagged)``, or as a decorator. Re-registering the same
-    factory is a no-op; a different factory under a taken name is a ValueError."""
+    factory is a no-op; a different factory under a taken name, or a transformers name, is a ValueError."""
 
     def add(fn: ScheduleFactory) -> ScheduleFactory:
+        if name in transformers_schedules():
+            raise ValueError(f"schedule {name!r} is a transformers SchedulerType; pick another name")
         if SCHEDULES.get(name, fn) is not fn:
             raise ValueError(f"schedule {name!r} is already registered to {SCHEDULES[name]!r}")
         SCHEDULES[name] = fn
@@ -31,56 +43,70 @@ def register_schedule(name: str, factory: ScheduleFactory | None = None):
     return add(factory) if factory is not None else add
 
 
-def warmup_multiplier(step: int, warmup_steps: int) -> float:
-    """Linear warm-up from 1/warmup_steps at step 0 to 1 at ``warmup_steps`` (never exactly 0, so the
-    first step moves the weights, as in transformers' schedules)."""
-    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def transformers_schedules() -> list[str]:
+    from transformers.trainer_utils import SchedulerType
+
+    return [member.value for member in SchedulerType]
 
 
-def decay_multiplier(kind: str, progress: float, min_lr_ratio: float) -> float:
-    """``linear`` or ``cosine`` decay from 1 at progress 0 to ``min_lr_ratio`` at progress 1."""
-    progress = min(max(progress, 0.0), 1.0)
-    shape = 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+def schedule_names() -> list[str]:
+    """Every name ``scheduler.name`` accepts."""
+    return [*transformers_schedules(), *SCHEDULES]
 
 
-class WarmupDecay:
-    """The multiplier of ``constant`` / ``linear`` / ``cosine``: warm-up, then decay over the remaining
-    steps. A plain object (not a closure) so LambdaLR's state_dict records it."""
-
-    def __init__(self, kind: str, total_steps: int, warmup_steps: int, min_lr_ratio: float):
-        self.kind, self.total_steps, self.warmup_steps, self.min_lr_ratio = kind, total_steps, warmup_steps, min_lr_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return warmup_multiplier(step, self.warmup_steps)
-        if self.kind == "constant":
-            return 1.0
-        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-        return decay_multiplier(self.kind, progress, self.min_lr_ratio)
+def is_plateau(name: str) -> bool:
+    """Whether the schedule moves at evaluations (on ``eval.metric``) instead of at every step."""
+    return name == "reduce_lr_on_plateau"
 
 
-def _warmup_decay(kind: str) -> ScheduleFactory:
-    def factory(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,
-                min_lr_ratio: float = 0.0) -> LambdaLR:
-        return LambdaLR(optimizer, WarmupDecay(kind, total_steps, warmup_steps, min_lr_ratio))
+def validate_schedule(config) -> None:
+    """The checks of the ``scheduler`` section that need the registry (called by the recipe loader)."""
+    cfg = config.scheduler
+    names = schedule_names()
+    if cfg.name not in names:
+        from hfx.trainers.config import _suggest
 
-    factory.__name__ = f"{kind}_schedule"
-    return factory
+        raise ConfigError(f"unknown scheduler.name {cfg.name!r}{_suggest(cfg.name, names, '', 'schedules')}")
+    if cfg.name in SCHEDULES:
+        return  # a registered schedule checks its own settings
+    if cfg.name == "constant" and cfg.warmup_steps:
+        raise ConfigError(f"scheduler.name 'constant' has no warm-up (scheduler.warmup_steps={cfg.warmup_steps}); "
+                          "use 'constant_with_warmup'")
+    if cfg.min_lr_ratio and cfg.name not in (*_FLOOR_KEYWORD, "cosine", "reduce_lr_on_plateau"):
+        raise ConfigError(f"scheduler.min_lr_ratio={cfg.min_lr_ratio} has no effect on {cfg.name!r} (it decays to 0); "
+                          "use 'cosine' or 'cosine_with_min_lr' for a floor")
+    if cfg.name in _FLOOR_KEYWORD and not cfg.min_lr_ratio and "min_lr" not in cfg.options:
+        raise ConfigError(f"scheduler.name {cfg.name!r} needs scheduler.min_lr_ratio > 0 (its floor)")
+    if is_plateau(cfg.name):
+        if cfg.warmup_steps:
+            raise ConfigError("scheduler 'reduce_lr_on_plateau' takes no warmup_steps (it changes the lr only at evaluations)")
+        if config.eval.metric is None:
+            raise ConfigError("scheduler 'reduce_lr_on_plateau' needs eval.metric (the metric it watches)")
 
 
-def plateau_schedule(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,
-                     min_lr_ratio: float = 0.0, mode: str = "min", factor: float = 0.1, patience: int = 2,
-                     threshold: float = 1e-4) -> ReduceLROnPlateau:
-    """ReduceLROnPlateau on the evaluation metric; ``min_lr_ratio`` sets its floor. ``mode`` is filled in
-    from ``eval.mode`` by the engine. Warm-up does not apply (the schedule moves only at evaluations)."""
-    if warmup_steps:
-        raise ValueError("scheduler 'plateau' takes no warmup_steps (it changes the lr only at evaluations)")
-    min_lrs = [group["lr"] * min_lr_ratio for group in optimizer.param_groups]
-    return ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience, threshold=threshold,
-                             min_lr=min_lrs)
+def build_schedule(config, optimizer: torch.optim.Optimizer, total_steps: int):
+    """The learning-rate scheduler of ``config.scheduler`` for ``optimizer`` (a torch optimizer) over
+    ``total_steps`` optimizer steps.
 
+    Raises:
+        ConfigError: options the schedule does not take (the message names them).
+    """
+    from transformers import get_scheduler
 
-for _kind in ("constant", "linear", "cosine"):
-    register_schedule(_kind, _warmup_decay(_kind))
-register_schedule("plateau", plateau_schedule)
+    cfg = config.scheduler
+    if cfg.name in SCHEDULES:
+        return SCHEDULES[cfg.name](optimizer, config, total_steps)
+    name, options = cfg.name, dict(cfg.options)
+    if name == "cosine" and cfg.min_lr_ratio:
+        name = "cosine_with_min_lr"
+    if name in _FLOOR_KEYWORD and "min_lr" not in options:
+        options.setdefault(_FLOOR_KEYWORD[name], cfg.min_lr_ratio)
+    if is_plateau(name):
+        options.setdefault("mode", config.eval.mode)
+        if cfg.min_lr_ratio:
+            options.setdefault("min_lr", [group["lr"] * cfg.min_lr_ratio for group in optimizer.param_groups])
+    try:
+        return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps,
+                             scheduler_specific_kwargs=options)
+    except TypeError as err:
+        raise ConfigError(f"scheduler {cfg.name!r}: {err} (check scheduler.options)") from None

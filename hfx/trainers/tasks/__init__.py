@@ -1,9 +1,9 @@
-"""Tasks: one file each, registered by name. A new task is a module here (or anywhere imported before the
-run) with a :class:`Task` subclass decorated by :func:`register_task`."""
+"""Tasks: one file each, registered by name with :func:`register_task`. A new built-in task is a module
+here plus its name in the import line below; a task of your own registers wherever it is imported."""
 
-from hfx.trainers.tasks.base import TASKS, NoOptions, Task, TaskData, get_task, register_task
+from hfx.trainers.tasks.base import TASKS, NoOptions, Task, TaskData, get_task, register_task, with_weights
 
-# Built-in tasks register themselves on import.
-from hfx.trainers.tasks import causal_lm, diffusion, image_classification, vae  # noqa: E402,F401  isort: skip
+# Built-in tasks register themselves on import: one name per task.
+from hfx.trainers.tasks import causal_lm, diffusion, image_classification, noisy_classifier, vae  # noqa: E402,F401  isort: skip
 
-__all__ = ["TASKS", "NoOptions", "Task", "TaskData", "get_task", "register_task"]
+__all__ = ["TASKS", "NoOptions", "Task", "TaskData", "get_task", "register_task", "with_weights"]

@@ -1,13 +1,17 @@
-"""Image datasets as training batches: the one place every image task turns PIL images into tensors."""
+"""What the image tasks share: PIL images to training batches (the one place), sample grids to ``samples/``
+and TensorBoard, and the DDPM noise schedule that the diffusion model and its noisy classifier agree on."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from hfx.trainers.config import bounded
+from hfx.trainers.errors import ConfigError
 from hfx.trainers.tasks.base import Task, TaskData
 
 
@@ -29,7 +33,7 @@ class ImageColumns:
 
     image_column: str = "image"
     label_column: str = "label"
-    image_size: int | None = None
+    image_size: int | None = bounded(None, ">=1", "null keeps the dataset's size")
     """Resize (square) to this side; None keeps the dataset's size."""
 
 
@@ -50,7 +54,7 @@ def build_image_data(task: Task, *, image_size: int | None = None, mean: float =
     train = dataset[cfg.train_split]
     for column in (image_column, label_column):
         if column not in train.column_names:
-            raise ValueError(f"dataset {cfg.dataset!r} has no column {column!r} (columns: "
+            raise ConfigError(f"dataset {cfg.dataset!r} has no column {column!r} (columns: "
                              f"{', '.join(train.column_names)}); set task_options.image_column / label_column")
     feature = train.features[label_column]
     label_names = list(feature.names) if hasattr(feature, "names") else [str(v) for v in sorted(set(train[label_column]))]
@@ -89,70 +93,42 @@ def image_grid(pixels: torch.Tensor, rows: int):
     return make_image_grid(images, rows=rows, cols=len(images) // rows)
 
 
-class TrainedImageClassifier:
-    """A classifier saved by the ``image-classification`` task (``final/``), with its preprocessing.
-
-    ``features(pixels)`` and ``logits(pixels)`` take (B, C, H, W) in [-1, 1], the range every hfx
-    generator produces, and apply the classifier's own normalisation.
-    """
-
-    def __init__(self, folder):
-        import json
-        from pathlib import Path
-
-        folder = Path(folder)
-        prep_file = folder / "hfx_preprocessing.json"
-        if not prep_file.is_file():
-            raise FileNotFoundError(f"{folder} is not an image-classification artifact (no hfx_preprocessing.json)")
-        self.folder = folder
-        self.preprocessing = json.loads(prep_file.read_text())
-        config = json.loads((folder / "config.json").read_text())
-        if "architecture" in config:  # timm's layout
-            import timm
-
-            self.model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-            self.is_timm = True
-        else:
-            import transformers
-
-            self.model = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
-            self.is_timm = False
-
-    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[-1, 1] pixels -> the classifier's input: ``(pixels / 255 - mean) / std`` of its training."""
-        unit = (pixels + 1) / 2
-        size = self.preprocessing["image_size"]
-        if unit.shape[-1] != size:
-            unit = torch.nn.functional.interpolate(unit, size=(size, size), mode="bilinear", antialias=True)
-        return (unit - self.preprocessing["mean"]) / self.preprocessing["std"]
-
-    @torch.no_grad()
-    def features_and_logits(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.normalise(pixels)
-        if self.is_timm:
-            features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-            return features, self.model.get_classifier()(features)
-        out = self.model(pixel_values=x, output_hidden_states=True)
-        hidden = out.hidden_states[-1]
-        return (hidden.flatten(2).mean(-1) if hidden.ndim == 4 else hidden.mean(1)), out.logits
+def write_sample_grids(task: Task, grids: dict, step: int) -> None:
+    """Save each named PIL grid as ``samples/<name>step-<step>.png`` (``name`` empty or ending in ``-``) and, when
+    the run reports to TensorBoard, as an image of that name. Main process only."""
+    folder = task.output_dir / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, grid in grids.items():
+        grid.save(folder / f"{name}step-{step:07d}.png")
+    if "tensorboard" in task.config.log.report_to:
+        writer = task.accelerator.get_tracker("tensorboard", unwrap=True)
+        for name, grid in grids.items():
+            writer.add_image(name.rstrip("-") or "samples", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
 
 
-class ClassSampleScorer:
-    """Scores a class-conditional generator with a trained classifier (an ``image-classification``
-    artifact): the share of samples asked for class c that the classifier assigns to c.
+# ---------------------------------------------------------------------------------------------- noise schedule
+BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 
-    ``scorer(generate, device)`` calls ``generate(labels)`` with ``per_class`` labels of every class, (N,) on
-    ``device``, which must return (N, C, H, W) images in [-1, 1]. The classifier loads on first use.
-    """
 
-    def __init__(self, folder, num_classes: int, per_class: int):
-        self.folder, self.num_classes, self.per_class = folder, num_classes, per_class
-        self.classifier: TrainedImageClassifier | None = None
+@dataclass
+class NoiseScheduleOptions:
+    num_train_timesteps: int = bounded(1000, ">=1")
+    beta_schedule: Literal["linear", "cosine"] = "cosine"
+    """``linear``: Ho et al.'s betas 1e-4 .. 0.02; ``cosine``: Nichol & Dhariwal's squared-cosine alphas."""
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
 
-    def __call__(self, generate, device) -> float:
-        if self.classifier is None:
-            self.classifier = TrainedImageClassifier(self.folder)
-        self.classifier.model.to(device)
-        labels = torch.arange(self.num_classes, device=device).repeat_interleave(self.per_class)
-        _, logits = self.classifier.features_and_logits(generate(labels))
-        return float((logits.argmax(-1) == labels).float().mean())
+
+def noise_scheduler(opts: NoiseScheduleOptions, clip_sample: bool = True):
+    """The training ``DDPMScheduler`` of ``opts`` (or of ``opts.diffusion_pipeline``, when set).
+
+    ``clip_sample`` clips the predicted ``x_0`` to [-1, 1] while sampling: right for pixels, wrong for latents
+    (scaled to unit variance, not to a range), so latent diffusion switches it off."""
+    from diffusers import DDPMScheduler
+
+    pipeline = getattr(opts, "diffusion_pipeline", None)
+    if pipeline:
+        if not (Path(pipeline) / "scheduler").is_dir():
+            raise FileNotFoundError(f"task_options.diffusion_pipeline {pipeline!r} has no scheduler/ folder")
+        return DDPMScheduler.from_pretrained(pipeline, subfolder="scheduler")
+    return DDPMScheduler(num_train_timesteps=opts.num_train_timesteps, beta_schedule=BETA_SCHEDULES[opts.beta_schedule],
+                         prediction_type=opts.prediction_type, clip_sample=clip_sample)

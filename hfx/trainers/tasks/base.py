@@ -1,9 +1,16 @@
 """What a task is: the part of a training run that differs between methods.
 
-A task builds its model(s) and data, computes the loss of a batch, evaluates, and saves its artifact.
-Everything else (the loop, precision, accumulation, clipping, optimizers, schedules, EMA, checkpoints,
-logging, several processes) is the engine's. Register a task with :func:`register_task`; a recipe then
-names it as ``task: <name>`` and configures it under ``task_options`` (checked against ``Options``).
+A task builds its model(s) and data, computes the loss of a batch, evaluates, saves its artifact and says
+what its model card needs. Everything else (the loop, precision, accumulation, clipping, optimizers,
+schedules, EMA, checkpoints, logging, several processes) is the engine's. Register a task with
+:func:`register_task`; a recipe then names it as ``task: <name>`` and configures it under ``task_options``
+(checked against ``Options``, whose fields may declare their ranges with :func:`hfx.trainers.config.bounded`).
+
+The engine hands a task the models, the batch and a :class:`~hfx.trainers.state.RunState` (``global_step``,
+``epoch``, ``samples_seen``, ``accelerator``, ``log()``; ``state.phase`` in :meth:`Task.loss`), never itself.
+What a task keeps between steps (a MoCo queue, a CycleGAN image pool, a DINO center) it returns from
+:meth:`Task.state_dict` and takes back in :meth:`Task.load_state_dict`: the engine puts it, for every process,
+in every checkpoint, so a killed run resumes bit-exactly.
 
 Several models and optimizers: :meth:`Task.optimizer_groups` maps optimizer names to the models they
 train (a GAN: ``{"discriminator": ["discriminator"], "generator": ["generator"]}``) and
@@ -23,12 +30,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from hfx.trainers.errors import ConfigError
+
 if TYPE_CHECKING:
     import accelerate
     import datasets
 
     from hfx.trainers.callbacks import Callback
     from hfx.trainers.config import TrainConfig
+    from hfx.trainers.state import RunState
 
 
 @dataclass
@@ -53,8 +63,13 @@ class Task:
     Options: ClassVar[type] = NoOptions
     #: False for tasks that make their own data (then ``data.dataset`` may be left out).
     needs_dataset: ClassVar[bool] = True
-    #: The Hub task type for the model card's results (``"image-classification"``, ``"text-generation"``).
+    #: The Hub task type of the model card's results (``"image-classification"``, ``"text-generation"``).
     hub_task_type: ClassVar[str | None] = None
+    #: The peft ``task_type`` a ``peft:`` section of this task defaults to (``"CAUSAL_LM"``: prefix and
+    #: prompt tuning need it to ``generate``).
+    peft_task_type: ClassVar[str | None] = None
+    #: Seeds of the generators :meth:`eval_generator` gives (fixed noise in every evaluation and run).
+    eval_seed: ClassVar[int] = 0
 
     def __init__(self, config: TrainConfig, accelerator: accelerate.Accelerator):
         self.config = config
@@ -75,21 +90,23 @@ class Task:
         """Optimizer name -> the models whose trainable parameters it updates. One optimizer by default."""
         return {"main": list(models)}
 
-    def phases(self, step: int) -> list[str]:
-        """Which optimizers take a step on the batch of optimizer step ``step`` (0-based), in order."""
-        return list(self._optimizer_names)
+    def phases(self, state: RunState) -> list[str]:
+        """Which optimizers take a step on the batch of step ``state.global_step`` (0-based), in order.
+        Every optimizer, in :meth:`optimizer_groups` order, by default."""
+        return list(state.optimizers)
 
-    def ema_models(self) -> list[str]:
+    def ema_models(self, models: dict[str, torch.nn.Module]) -> list[str]:
         """Models whose weights ``ema.enabled`` averages; all of them by default."""
-        return list(self._model_names)
+        return list(models)
 
-    def loss(self, models: dict[str, torch.nn.Module], batch: Any, phase: str
+    def loss(self, models: dict[str, torch.nn.Module], batch: Any, state: RunState
              ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The scalar loss of ``batch`` for optimizer ``phase``; optionally also extra values to log."""
+        """The scalar loss of ``batch`` for optimizer ``state.phase`` at step ``state.global_step``;
+        optionally also extra values to log."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def evaluate(self, models: dict[str, torch.nn.Module], loader) -> dict[str, float]:
+    def evaluate(self, models: dict[str, torch.nn.Module], loader, state: RunState) -> dict[str, float]:
         """Metrics over the eval loader (already sharded across processes: gather with
         ``self.accelerator.gather_for_metrics``). Models are in eval mode, EMA weights swapped in."""
         return {}
@@ -98,30 +115,39 @@ class Task:
              output_dir: Path) -> None:
         """Write the final artifact into ``output_dir`` (main process only). ``state_dicts`` holds each
         model's full weights (gathered under FSDP/DeepSpeed; EMA weights when ``ema.use_for_final``):
-        pass them to ``save_pretrained(..., state_dict=...)``."""
+        save those (:func:`with_weights` makes a model that holds them)."""
         raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What the task keeps between steps (tensors, numbers, strings, lists, dicts), or None. Saved for
+        every process in every checkpoint (``task_state_<process>.pt``)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (on resume, after the models are prepared)."""
 
     def callbacks(self) -> list[Callback]:
         """Callbacks the task always needs (added before those of the recipe)."""
         return []
 
-    def card(self, metrics: dict[str, float]) -> dict[str, Any]:
-        """Extra variables for the model card (``model_summary``, ``load_snippet``, ...)."""
+    def card_facts(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """What the model card should say that only the task knows: ``summary`` (one paragraph), and for a
+        sample-based metric ``eval_num_samples`` / ``eval_extractor`` (see :data:`hfx.hub.cards.FACT_KEYS`).
+        How to load and use the artifact is its class's (``hub_card_usage``), not the task's."""
         return {}
 
     # ------------------------------------------------------------------------------ helpers for tasks
     def load_dataset(self) -> datasets.DatasetDict:
         """``data.dataset`` through :func:`hfx.data.load`, with ``max_*_samples`` applied. A source that
-        cannot be loaded is a ValueError (or FileNotFoundError) naming it."""
+        cannot be loaded is a ConfigError (or FileNotFoundError) naming it."""
         import hfx.data
-        from hfx.trainers.config import ConfigError
 
         cfg = self.config.data
         try:
             loaded = hfx.data.load(cfg.dataset, seed=self.config.seed, **cfg.options)
         except (FileNotFoundError, ValueError):
             raise
-        except Exception as err:  # datasets raises many kinds (offline, not found, bad builder)
+        except Exception as err:  # datasets raises many kinds (offline, not found, bad builder, bad files)
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"cannot load dataset {cfg.dataset!r}: {first}") from err
         for split in (cfg.train_split, cfg.eval_split):
@@ -130,11 +156,27 @@ class Task:
         for split, limit in ((cfg.train_split, cfg.max_train_samples), (cfg.eval_split, cfg.max_eval_samples)):
             if split is not None and limit is not None and limit < len(loaded[split]):
                 loaded[split] = loaded[split].select(range(limit))
+        if len(loaded[cfg.train_split]) == 0:
+            raise ConfigError(f"dataset {cfg.dataset!r} has no examples in split {cfg.train_split!r}")
         return loaded
 
-    # set by the engine once the optimizers are known
-    _model_names: list[str] = []
-    _optimizer_names: list[str] = []
+    def eval_generator(self, device: torch.device | str, batch_index: int) -> torch.Generator:
+        """A generator for batch ``batch_index`` of an evaluation: the same draws in every evaluation and every
+        run (so held-out numbers compare across steps), different per batch and per process."""
+        seed = self.eval_seed + batch_index + 1_000 * self.accelerator.process_index
+        return torch.Generator(device).manual_seed(seed)
+
+
+def with_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A new model of ``model``'s class and config holding ``state_dict`` (in eval mode): what a task saves,
+    so that the weights written are those the engine handed over (gathered, or EMA) and the training model
+    is left alone. Works for diffusers models (``from_config``) and transformers models (``cls(config)``)."""
+    import copy
+
+    cls = type(model)
+    fresh = cls.from_config(model.config) if isinstance(model.config, dict) else cls(copy.deepcopy(model.config))
+    fresh.load_state_dict(state_dict)
+    return fresh.eval()
 
 
 TASKS: dict[str, type[Task]] = {}
@@ -156,10 +198,8 @@ def register_task(name: str):
 
 
 def get_task(name: str) -> type[Task]:
-    """The task class registered as ``name``; a ValueError naming the closest registered task if none."""
+    """The task class registered as ``name``; a ConfigError naming the closest registered task if none."""
     import difflib
-
-    from hfx.trainers.config import ConfigError
 
     if name not in TASKS:
         close = difflib.get_close_matches(name, list(TASKS), n=1, cutoff=0.5)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from hfx.trainers.config import bounded
+from hfx.trainers.errors import ConfigError
 from hfx.trainers.tasks.base import Task, TaskData, register_task
 
 logger = logging.getLogger(__name__)
@@ -35,10 +37,10 @@ class CausalLMOptions:
     pretrained: bool = False
     tokenizer: str | None = None
     """A tokenizer folder / Hub name; None trains a byte-level BPE on the train split."""
-    vocab_size: int = 4096
+    vocab_size: int = bounded(4096, ">=1")
     """Size of the trained tokenizer's vocabulary."""
     text_column: str = "text"
-    block_size: int = 256
+    block_size: int = bounded(256, ">=1")
 
 
 def train_bpe_tokenizer(texts, vocab_size: int):
@@ -61,18 +63,21 @@ def train_bpe_tokenizer(texts, vocab_size: int):
 class CausalLMTask(Task):
     Options = CausalLMOptions
     hub_task_type = "text-generation"
+    peft_task_type = "CAUSAL_LM"
 
     def build_data(self) -> TaskData:
         opts, cfg = self.options, self.config.data
         dataset = self.load_dataset()
         if opts.text_column not in dataset[cfg.train_split].column_names:
-            raise ValueError(f"dataset {cfg.dataset!r} has no column {opts.text_column!r} (columns: "
+            raise ConfigError(f"dataset {cfg.dataset!r} has no column {opts.text_column!r} (columns: "
                              f"{', '.join(dataset[cfg.train_split].column_names)}); set task_options.text_column")
         self.tokenizer = self._tokenizer(dataset[cfg.train_split])
         train = self._blocks(dataset[cfg.train_split])
         eval_split = self._blocks(dataset[cfg.eval_split]) if cfg.eval_split is not None else None
+        if len(train) == 0:
+            raise ConfigError(f"the train split holds fewer than task_options.block_size={opts.block_size} tokens")
         if eval_split is not None and len(eval_split) == 0:
-            raise ValueError(f"the eval split holds fewer than block_size={opts.block_size} tokens")
+            raise ConfigError(f"the eval split holds fewer than block_size={opts.block_size} tokens")
         return TaskData(train=train, eval=eval_split)
 
     def _tokenizer(self, train):
@@ -119,15 +124,15 @@ class CausalLMTask(Task):
         try:
             config = transformers.AutoConfig.for_model(opts.model, vocab_size=len(tok), **options)
         except ValueError as err:
-            raise ValueError(f"task_options.model {opts.model!r} is not a transformers model type "
+            raise ConfigError(f"task_options.model {opts.model!r} is not a transformers model type "
                              f"({str(err).splitlines()[0]})") from None
         return {"model": transformers.AutoModelForCausalLM.from_config(config)}
 
-    def loss(self, models, batch, phase):
+    def loss(self, models, batch, state):
         return models["model"](input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
 
     @torch.no_grad()
-    def evaluate(self, models, loader) -> dict[str, float]:
+    def evaluate(self, models, loader, state) -> dict[str, float]:
         nll, tokens = 0.0, 0
         for batch in loader:
             ids = batch["input_ids"]
@@ -145,11 +150,7 @@ class CausalLMTask(Task):
         models["model"].save_pretrained(output_dir, state_dict=state_dicts["model"])
         self.tokenizer.save_pretrained(output_dir)
 
-    def card(self, metrics: dict[str, float]) -> dict[str, Any]:
-        snippet = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-                   'model = AutoModelForCausalLM.from_pretrained("PATH/TO/final")\n'
-                   'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/final")')
+    def card_facts(self, metrics: dict[str, float]) -> dict[str, Any]:
         trained = "a byte-level BPE trained on the same data" if self.options.tokenizer is None else self.options.tokenizer
-        summary = (f"A `{self.options.model}` causal language model trained on `{self.config.data.dataset}` with "
-                   f"{self.options.block_size}-token blocks; tokenizer: {trained}.")
-        return {"load_snippet": snippet, "model_summary": summary, "library_name": "transformers"}
+        return {"summary": f"A `{self.options.model}` causal language model trained on `{self.config.data.dataset}` with "
+                           f"{self.options.block_size}-token blocks; tokenizer: {trained}."}

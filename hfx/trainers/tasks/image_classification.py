@@ -25,8 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hfx.trainers.config import bounded
+from hfx.trainers.errors import ConfigError
+from hfx.trainers.tasks._image_tasks import ImageColumns, build_image_data
 from hfx.trainers.tasks.base import Task, TaskData, register_task
-from hfx.trainers.tasks.images import ImageColumns, build_image_data
 
 
 @dataclass
@@ -39,9 +41,9 @@ class ImageClassificationOptions(ImageColumns):
     weights: str | None = None
     """timm only: a local weights file to start from (offline alternative to ``pretrained``)."""
     mean: float = 0.5
-    std: float = 0.5
-    label_smoothing: float = 0.0
-    random_shift: int = 0
+    std: float = bounded(0.5, ">0")
+    label_smoothing: float = bounded(0.0, "[0,1)")
+    random_shift: int = bounded(0, ">=0")
     """Translate each training image by up to this many pixels in x and y (edge padding)."""
     random_flip: bool = False
     """Flip training images left-right with probability 0.5 (not for digits or text)."""
@@ -90,9 +92,16 @@ class ImageClassificationTask(Task):
         if opts.model.startswith("timm:"):
             import timm
 
+            name = opts.model[len("timm:"):]
+            if not timm.is_model(name):
+                import difflib
+
+                close = difflib.get_close_matches(name, timm.list_models(), n=1)
+                raise ConfigError(f"task_options.model {opts.model!r}: timm has no model {name!r}"
+                                  + (f"; did you mean 'timm:{close[0]}'?" if close else ""))
             self.model_args = {"in_chans": self.channels, "num_classes": n, **opts.model_options}
             extra = {"pretrained_cfg_overlay": {"file": opts.weights}} if opts.weights else {}
-            model = timm.create_model(opts.model[len("timm:"):], pretrained=opts.pretrained or bool(opts.weights),
+            model = timm.create_model(name, pretrained=opts.pretrained or bool(opts.weights),
                                       **self.model_args, **extra)
             return {"model": model}
         import transformers
@@ -106,7 +115,7 @@ class ImageClassificationTask(Task):
             try:
                 config = transformers.AutoConfig.for_model(opts.model, num_labels=n, **labels, **opts.model_options)
             except ValueError as err:
-                raise ValueError(f"task_options.model {opts.model!r} is neither 'timm:<name>' nor a transformers "
+                raise ConfigError(f"task_options.model {opts.model!r} is neither 'timm:<name>' nor a transformers "
                                  f"model type ({str(err).splitlines()[0]})") from None
             for key in ("num_channels", "in_channels"):  # the name differs between model families
                 if hasattr(config, key):
@@ -120,13 +129,13 @@ class ImageClassificationTask(Task):
         pixels = random_shift(pixels, self.options.random_shift)
         return random_flip(pixels) if self.options.random_flip else pixels
 
-    def loss(self, models, batch, phase):
+    def loss(self, models, batch, state):
         pixels = self._augment(batch["pixel_values"])
         logits = logits_of(models["model"], pixels)
         return F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.options.label_smoothing)
 
     @torch.no_grad()
-    def evaluate(self, models, loader) -> dict[str, float]:
+    def evaluate(self, models, loader, state) -> dict[str, float]:
         correct, total, loss_sum = 0, 0, 0.0
         for batch in loader:
             logits = logits_of(models["model"], batch["pixel_values"]).float()
@@ -152,16 +161,9 @@ class ImageClassificationTask(Task):
                          "scale": "pixel / 255", "labels": self.label_names}
         (output_dir / "hfx_preprocessing.json").write_text(json.dumps(preprocessing, indent=2))
 
-    def card(self, metrics: dict[str, float]) -> dict[str, Any]:
-        if self.options.model.startswith("timm:"):
-            snippet = 'import timm\nmodel = timm.create_model("local-dir:PATH/TO/final", pretrained=True).eval()'
-            library = "timm"
-        else:
-            snippet = ('from transformers import AutoModelForImageClassification\n'
-                       'model = AutoModelForImageClassification.from_pretrained("PATH/TO/final").eval()')
-            library = "transformers"
+    def card_facts(self, metrics: dict[str, float]) -> dict[str, Any]:
         summary = (f"`{self.options.model}` trained from {'pretrained weights' if self.options.pretrained else 'scratch'} "
                    f"to classify {self.size}x{self.size} {'greyscale' if self.channels == 1 else 'RGB'} images into "
                    f"{len(self.label_names)} classes. Inputs: pixels / 255, then (x - {self.options.mean}) / "
                    f"{self.options.std} (see hfx_preprocessing.json).")
-        return {"load_snippet": snippet, "model_summary": summary, "library_name": library}
+        return {"summary": summary}

@@ -1,7 +1,7 @@
 """``vae``: train :class:`~hfx.models.vae.HfxVAEModel` (VAE, conditional VAE, or autoencoder with beta 0).
 
-The loss is ``reconstruction + beta * w(step) * KL`` with the KL warm-up ``w(step) = min(1, step /
-kl_warmup_steps)`` (Bowman et al. 2016), which keeps the posterior from collapsing onto the prior early in
+The loss is ``reconstruction + beta * w(step) * KL`` (:mod:`hfx.losses.elbo`) with the KL warm-up
+``w(step) = min(1, step / kl_warmup_steps)`` (Bowman et al. 2016), which keeps the posterior from collapsing onto the prior early in
 training. Evaluation reports, per held-out image and in nats, the negative ELBO (the bound on -log p(x)
 whatever beta is), its reconstruction and KL terms, and writes grids of reconstructions and samples to
 ``samples/`` (and TensorBoard). With ``evaluator`` set (a classifier saved by the ``image-classification``
@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 
-from hfx.trainers.tasks.base import Task, TaskData, register_task
-from hfx.trainers.tasks.diffusion import _KeepTrainer
-from hfx.trainers.tasks.images import ClassSampleScorer, ImageColumns, build_image_data, image_grid
+from hfx.losses import beta_elbo, kl_warmup_weight
+from hfx.trainers.config import bounded
+from hfx.trainers.errors import ConfigError
+from hfx.trainers.tasks._image_tasks import ImageColumns, build_image_data, image_grid, write_sample_grids
+from hfx.trainers.tasks.base import Task, TaskData, register_task, with_weights
 
 
 @dataclass
@@ -31,26 +33,23 @@ class VAEOptions(ImageColumns):
     """``HfxVAEConfig`` fields (image size and channels come from the data)."""
     conditional: bool = False
     """A conditional VAE: ``num_classes`` from the dataset's labels."""
-    kl_warmup_steps: int = 0
+    kl_warmup_steps: int = bounded(0, ">=0")
     """Linear KL warm-up over this many optimizer steps (0: none)."""
-    grid_size: int = 8
+    grid_size: int = bounded(8, ">=0")
     """Validation grids: reconstructions of this many test images, and this many samples per row."""
     evaluator: str | None = None
     """A classifier folder (``image-classification`` artifact) that scores a CVAE's samples per class."""
-    evaluator_samples_per_class: int = 50
-    scaling_samples: int = 1024
+    evaluator_samples_per_class: int = bounded(50, ">=1")
+    scaling_samples: int = bounded(1024, ">=1")
     """Training images encoded to measure ``scaling_factor`` at save time."""
 
 
 @register_task("vae")
 class VAETask(Task):
     Options = VAEOptions
-    trainer = None
+    eval_seed = 30_000
 
     def build_data(self) -> TaskData:
-        opts = self.options
-        if opts.kl_warmup_steps < 0:
-            raise ValueError(f"task_options.kl_warmup_steps must be >= 0, got {opts.kl_warmup_steps}")
         data, self.info = build_image_data(self)
         self.train_set = data.train
         return data
@@ -65,41 +64,29 @@ class VAETask(Task):
         try:
             config = HfxVAEConfig(**fields)
         except Exception as err:  # strict dataclass errors wrap the field's ValueError
-            raise ValueError(f"task_options.model does not make an HfxVAEConfig: {str(err).strip().splitlines()[-1]}") from None
+            raise ConfigError(f"task_options.model does not make an HfxVAEConfig: {str(err).strip().splitlines()[-1]}") from None
         self.model_config = config
         if opts.evaluator and not opts.conditional:
-            raise ValueError("task_options.evaluator scores class-conditional samples: set task_options.conditional: true")
+            raise ConfigError("task_options.evaluator scores class-conditional samples: set task_options.conditional: true")
         return {"vae": HfxVAEModel(config)}
-
-    def callbacks(self):
-        return [_KeepTrainer(self)]
-
-    def kl_weight(self) -> float:
-        """beta times the warm-up factor at the current optimizer step."""
-        beta = self.model_config.beta
-        warmup = self.options.kl_warmup_steps
-        if warmup == 0 or self.trainer is None:
-            return beta
-        return beta * min(1.0, self.trainer.global_step / warmup)
 
     def _labels(self, batch):
         return batch["labels"] if self.options.conditional else None
 
-    def loss(self, models, batch, phase):
-        vae = models["vae"]
-        out = vae(batch["pixel_values"], labels=self._labels(batch))
-        loss = out.reconstruction + self.kl_weight() * out.kl
+    def loss(self, models, batch, state):
+        out = models["vae"](batch["pixel_values"], labels=self._labels(batch))
+        loss = beta_elbo(out.reconstruction, out.kl, self.model_config.beta,
+                         kl_warmup_weight(state.global_step, self.options.kl_warmup_steps))
         return loss, {"reconstruction": out.reconstruction.detach(), "kl": out.kl.detach()}
 
     @torch.no_grad()
-    def evaluate(self, models, loader) -> dict[str, float]:
+    def evaluate(self, models, loader, state) -> dict[str, float]:
         vae = models["vae"]
         sums = torch.zeros(3, dtype=torch.float64)
         count = 0
         first_batch = None
         for index, batch in enumerate(loader):
-            generator = torch.Generator(batch["pixel_values"].device).manual_seed(
-                30_000 + index + 1_000 * self.accelerator.process_index)
+            generator = self.eval_generator(batch["pixel_values"].device, index)
             out = self.accelerator.unwrap_model(vae)(batch["pixel_values"], labels=self._labels(batch),
                                                      generator=generator)
             n = torch.tensor([batch["pixel_values"].shape[0]], device=batch["pixel_values"].device)
@@ -114,11 +101,13 @@ class VAETask(Task):
         if self.options.evaluator:
             metrics["sample_accuracy"] = self.sample_accuracy(model)
         if self.accelerator.is_main_process and first_batch is not None and self.options.grid_size > 0:
-            self._write_grids(model, first_batch)
+            self._write_grids(model, first_batch, state.global_step)
         return metrics
 
     def sample_accuracy(self, model) -> float:
         """Share of a CVAE's samples asked for class c that the evaluator classifies as c."""
+        from hfx.metrics.classifier import ClassSampleScorer
+
         if not hasattr(self, "_scorer"):
             self._scorer = ClassSampleScorer(self.options.evaluator, len(self.info.label_names),
                                              self.options.evaluator_samples_per_class)
@@ -126,7 +115,7 @@ class VAETask(Task):
                                                         generator=torch.Generator(model.device).manual_seed(0)),
                             model.device)
 
-    def _write_grids(self, model, batch) -> None:
+    def _write_grids(self, model, batch, step: int) -> None:
         k = min(self.options.grid_size, batch["pixel_values"].shape[0])
         x = batch["pixel_values"][:k]
         labels = self._labels(batch)
@@ -139,18 +128,8 @@ class VAETask(Task):
             sample_labels, rows = None, self.options.grid_size
         samples = model.sample(rows * self.options.grid_size, labels=sample_labels,
                                generator=torch.Generator(model.device).manual_seed(0))
-        step = self.trainer.global_step if self.trainer is not None else 0
-        folder = self.output_dir / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        grids = {"reconstructions": image_grid(torch.cat([x, recon]), rows=2), "samples": image_grid(samples, rows=rows)}
-        for name, grid in grids.items():
-            grid.save(folder / f"{name}-step-{step:07d}.png")
-        if "tensorboard" in self.config.log.report_to:
-            import numpy as np
-
-            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
-            for name, grid in grids.items():
-                writer.add_image(name, np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+        grids = {"reconstructions-": image_grid(torch.cat([x, recon]), rows=2), "samples-": image_grid(samples, rows=rows)}
+        write_sample_grids(self, grids, step)
 
     @torch.no_grad()
     def latent_scaling_factor(self, model) -> float:
@@ -167,21 +146,12 @@ class VAETask(Task):
         return float(1.0 / torch.cat(latents).std().clamp_min(1e-6))
 
     def save(self, models, state_dicts, output_dir: Path) -> None:
-        from hfx.models.vae import HfxVAEModel
-
-        model = HfxVAEModel(models["vae"].config)
-        model.load_state_dict(state_dicts["vae"])
-        model.eval()
+        model = with_weights(models["vae"], state_dicts["vae"])
         model.config.scaling_factor = self.latent_scaling_factor(model)
         model.save_pretrained(output_dir)
 
-    def card(self, metrics: dict[str, float]) -> dict[str, Any]:
+    def card_facts(self, metrics: dict[str, float]) -> dict[str, Any]:
         kind = "conditional VAE" if self.options.conditional else ("autoencoder" if self.model_config.beta == 0 else "VAE")
-        snippet = ("import hfx, torch\nfrom transformers import AutoModel\n"
-                   "vae = AutoModel.from_pretrained(\"PATH/TO/final\")\n"
-                   + ("images = vae.sample(10, labels=list(range(10)))  # (10, C, H, W) in [-1, 1]"
-                      if self.options.conditional else "images = vae.sample(16)  # (16, C, H, W) in [-1, 1]"))
-        summary = (f"A convolutional {kind} (hfx `HfxVAEModel`, model_type `hfx_vae`) on {self.info.size}x{self.info.size} "
-                   "images; `encode` gives the posterior, `decode` the image, `sample` and `interpolate` generate. "
-                   "Metrics are nats per held-out image.")
-        return {"load_snippet": snippet, "model_summary": summary, "library_name": "transformers"}
+        return {"summary": f"A convolutional {kind} (hfx `HfxVAEModel`, model_type `hfx_vae`) on {self.info.size}x"
+                           f"{self.info.size} images; `encode` gives the posterior, `decode` the image, `sample` and "
+                           "`interpolate` generate. Metrics are nats per held-out image."}
