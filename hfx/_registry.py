@@ -8,10 +8,22 @@ imports the modules and registers their classes. Registration is idempotent: imp
 from __future__ import annotations
 
 import importlib
+import sys
 
 # (config class path, {Auto class name: model class path}).
 AUTO_MODELS: list[tuple[str, dict[str, str]]] = [
     ("hfx.models.vae.configuration_vae:HfxVAEConfig", {"AutoModel": "hfx.models.vae.modeling_vae:HfxVAEModel"}),
+]
+
+# (pipeline class path, [paths of the hfx component classes its model_index.json may name]). diffusers finds a
+# saved pipeline's class by its `_class_name` on the `diffusers` module, and accepts a Hub repo's component only
+# from a library it knows (its LOADABLE_CLASSES table): both are registered here, so that after `import hfx`,
+# `DiffusionPipeline.from_pretrained(folder or repo id)` returns the hfx class.
+PIPELINES: list[tuple[str, list[str]]] = [
+    ("hfx.pipelines.pipeline_class_conditional:ClassConditionalPipeline",
+     ["hfx.models.noisy_classifier.modeling_noisy_classifier:NoisyClassifier"]),
+    ("hfx.pipelines.pipeline_latent_diffusion:LatentDiffusionPipeline",
+     ["hfx.models.noisy_classifier.modeling_noisy_classifier:NoisyClassifier", "hfx.models.vae.modeling_vae:HfxVAEModel"]),
 ]
 
 # Modules whose import registers something with a library that offers no registration API of its own
@@ -59,9 +71,50 @@ def register_auto_model(config_class: type, model_classes: dict[str, type]) -> N
         auto_class.register(config_class, model_class, exist_ok=True)
 
 
+def register_pipeline(pipeline_class: type, component_classes: list[type]) -> None:
+    """Make ``DiffusionPipeline.from_pretrained`` load ``pipeline_class`` and its hfx components. Idempotent.
+
+    - The class becomes an attribute of the ``diffusers`` module, where diffusers looks up the
+      ``_class_name`` of ``model_index.json`` (``pipeline_loading_utils._get_pipeline_class``), so a local
+      folder loads as this class.
+    - Each component's module is entered in diffusers' ``LOADABLE_CLASSES`` with the diffusers or transformers
+      base class it derives from. diffusers' Hub downloader accepts a component only when its library is in that
+      table (or ships as ``{component}/{module}.py`` in the repo, which is remote code); loading then takes the
+      module from ``sys.modules`` and finds the base class on it by name, as it does for any third-party component.
+
+    Raises:
+        ValueError: ``diffusers`` already has a different object of that name (hfx never shadows a diffusers
+            class), a component derives from no base class diffusers can load, or its module lacks that base
+            class's name (the loader looks it up there: the module must import it).
+    """
+    import diffusers
+    from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
+
+    name = pipeline_class.__name__
+    existing = getattr(diffusers, name, None)
+    # The same class may come back from a re-imported module: only a class defined elsewhere is a clash.
+    where = (getattr(existing, "__module__", None), getattr(existing, "__qualname__", None))
+    if existing is not None and where != (pipeline_class.__module__, pipeline_class.__qualname__):
+        raise ValueError(f"diffusers already has {name} ({getattr(existing, '__module__', type(existing).__name__)}); "
+                         f"cannot register {pipeline_class.__module__}.{name} under that name")
+    setattr(diffusers, name, pipeline_class)
+    for component in component_classes:
+        library, base = next(((library, base) for library in ("diffusers", "transformers") for base in LOADABLE_CLASSES[library]
+                              if issubclass(component, getattr(importlib.import_module(library), base, ()))), (None, None))
+        if base is None:
+            raise ValueError(f"{component.__module__}.{component.__name__} derives from none of the diffusers or "
+                             "transformers classes diffusers can save and load (ModelMixin, PreTrainedModel, ...)")
+        if getattr(sys.modules[component.__module__], base, None) is None:
+            raise ValueError(f"{component.__module__} must import {base}: diffusers finds a component's base class "
+                             "by name on the component's module")
+        LOADABLE_CLASSES.setdefault(component.__module__, {})[base] = list(LOADABLE_CLASSES[library][base])
+
+
 def register_all() -> None:
     """Import and register everything listed in this module's tables."""
     for module in MODULES_TO_IMPORT:
         importlib.import_module(module)
     for config_path, models in AUTO_MODELS:
         register_auto_model(_resolve(config_path), {auto: _resolve(path) for auto, path in models.items()})
+    for pipeline_path, component_paths in PIPELINES:
+        register_pipeline(_resolve(pipeline_path), [_resolve(path) for path in component_paths])

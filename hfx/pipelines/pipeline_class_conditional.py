@@ -27,18 +27,78 @@ Taming high guidance (small models oversaturate quickly as ``w`` grows):
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 
 from hfx.models.noisy_classifier import NoisyClassifier
 
-ClassLabels = int | str | Sequence[int | str] | torch.Tensor
+ClassLabels = int | str | Sequence[int | str] | torch.Tensor | np.ndarray
+StepEndCallback = Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | PipelineCallback | MultiPipelineCallbacks
+
+
+def _checked_number(name: str, value, allowed: str, ok: Callable[[float], bool]) -> float:
+    """``value`` as a float when it is a finite real number (not a bool) for which ``ok`` holds.
+
+    Raises:
+        ValueError: naming ``name`` and what is ``allowed``; NaN and infinities are never allowed.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return float(value)
+
+
+def _checked_count(name: str, value, allowed: str = "an integer >= 1") -> int:
+    """``value`` as an int when it is an integer (not a bool) >= 1, else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return int(value)
+
+
+def _hub_error_reason(error: BaseException, revision: str | None) -> str | None:
+    """Why diffusers' download failed, in words, from the first known error in the chain it raised; None when
+    no Hub or network error is in the chain (a full disk, say)."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+    from huggingface_hub.utils import httpx  # the HTTP client huggingface_hub uses, as it exports it
+
+    # Most specific first: a LocalEntryNotFoundError is also an EntryNotFoundError, OfflineModeIsEnabled a
+    # ConnectionError. diffusers wraps the Hub's own error (its `__cause__`) in an OSError of its own.
+    reasons = [
+        (RepositoryNotFoundError, "no such repository on the Hub (or it is private or gated and the token does not "
+                                  "give access)"),
+        (RevisionNotFoundError, f"the repository has no revision {revision!r}"),
+        (OfflineModeIsEnabled, "it is not in the local cache and the Hub is offline (HF_HUB_OFFLINE=1)"),
+        ((httpx.TransportError, ConnectionError), "it is not in the local cache and the Hub cannot be reached"),
+        (LocalEntryNotFoundError, "it is not (fully) in the local cache and downloads are off (local_files_only=True)"),
+        (EntryNotFoundError, "a file a pipeline needs (model_index.json, a component's files) is not in the "
+                             "repository: is it a folder saved by save_pretrained?"),
+        (HFValidationError, "it is neither a local folder nor a valid Hub repo id"),
+        (HfHubHTTPError, "the Hub answered with an error"),
+    ]
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for kinds, reason in reasons:
+        if any(isinstance(link, kinds) for link in chain):
+            return reason
+    return None
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
@@ -59,9 +119,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
             Stored as an id -> name mapping (``{"0": "cat", ...}``, like transformers' ``id2label``): diffusers
             reads every list in ``model_index.json`` as a component, so a list would break Hub loading of
             remote-code exports. :attr:`class_names` gives the names as a list.
-        default_guidance_scale: the guidance scale used when ``__call__`` gets none.
+        default_guidance_scale: the guidance scale used when ``__call__`` gets none (a finite number >= 0).
 
-    ``from_pretrained`` accepts a local folder or a Hub repo id.
+    ``from_pretrained`` accepts a local folder or a Hub repo id; after ``import hfx``,
+    ``DiffusionPipeline.from_pretrained`` returns this class for a folder or repo saved from it.
 
     Example::
 
@@ -70,12 +131,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
         >>> from hfx.pipelines import ClassConditionalPipeline
         >>> pipe = ClassConditionalPipeline.from_pretrained("demo/pipeline")
         >>> pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        >>> images = pipe(["3", "7"], guidance_scale=2.0, num_inference_steps=50,
-        ...               generator=torch.Generator().manual_seed(0)).images  # two PIL images
+        >>> images = pipe(["3", "7"], guidance_scale=2.0, num_inference_steps=50, num_images_per_prompt=4,
+        ...               generator=torch.Generator().manual_seed(0)).images  # 8 PIL images: four 3s, four 7s
     """
 
     model_cpu_offload_seq = "unet->classifier"
     _optional_components = ["classifier"]
+    # What `callback_on_step_end` may read and replace at the end of each step: the current noisy sample
+    # x_{t-1} and the class id of every image, shape (batch,).
+    _callback_tensor_inputs = ["latents", "class_labels"]
 
     def __init__(
         self,
@@ -86,68 +150,104 @@ class ClassConditionalPipeline(DiffusionPipeline):
         default_guidance_scale: float = 2.0,
     ):
         super().__init__()
-        num_class_embeds = unet.config.get("num_class_embeds")
-        if not num_class_embeds or num_class_embeds < 2 or unet.config.get("class_embed_type") is not None:
+        config = getattr(unet, "config", None)
+        num_class_embeds = config.get("num_class_embeds") if isinstance(config, Mapping) else None
+        class_embed_type = config.get("class_embed_type") if isinstance(config, Mapping) else None
+        if (isinstance(num_class_embeds, bool) or not isinstance(num_class_embeds, int) or num_class_embeds < 2
+                or class_embed_type is not None):
             raise ValueError(
                 "unet must be a UNet2DModel with num_class_embeds = num_classes + 1 (the last id is the null "
-                f"class) and no class_embed_type; got num_class_embeds={num_class_embeds}, "
-                f"class_embed_type={unet.config.get('class_embed_type')!r}"
+                f"class) and no class_embed_type; got a {type(unet).__name__} with num_class_embeds={num_class_embeds}, "
+                f"class_embed_type={class_embed_type!r}"
             )
+        if not isinstance(scheduler, SchedulerMixin):
+            raise ValueError(f"scheduler must be a diffusers scheduler (a SchedulerMixin such as DDPMScheduler), "
+                             f"got {type(scheduler).__name__}")
         num_classes = num_class_embeds - 1
-        if isinstance(class_names, Mapping):  # as saved: {"0": name, "1": name, ...}
-            if sorted(class_names, key=int) != [str(i) for i in range(len(class_names))]:
-                raise ValueError(f"class_names as a mapping needs the ids 0..{len(class_names) - 1} as keys, "
-                                 f"got {sorted(class_names)}")
-            class_names = [class_names[str(i)] for i in range(len(class_names))]
-        if class_names is not None:
-            class_names = [str(name) for name in class_names]
-            if len(class_names) != num_classes:
-                raise ValueError(
-                    f"class_names has {len(class_names)} entries but the unet has {num_classes} classes "
-                    f"(num_class_embeds={num_class_embeds} includes the null class)"
-                )
-            if len(set(class_names)) != len(class_names):
-                raise ValueError(f"class_names must be unique, got {class_names}")
-        if classifier is not None and classifier.config.num_classes != num_classes:
-            raise ValueError(
-                f"classifier predicts {classifier.config.num_classes} classes but the unet has {num_classes}"
-            )
-        if default_guidance_scale < 0:
-            raise ValueError(f"default_guidance_scale must be >= 0, got {default_guidance_scale}")
+        class_names = self._checked_class_names(class_names, num_classes, num_class_embeds)
+        if classifier is not None:
+            classifier_classes = getattr(getattr(classifier, "config", None), "num_classes", None)
+            if not isinstance(classifier, torch.nn.Module) or classifier_classes is None:
+                raise ValueError("classifier must be a NoisyClassifier (a torch module with config.num_classes) or "
+                                 f"None, got {type(classifier).__name__}")
+            if classifier_classes != num_classes:
+                raise ValueError(f"classifier predicts {classifier_classes} classes but the unet has {num_classes}")
+        default_guidance_scale = _checked_number(
+            "default_guidance_scale", default_guidance_scale, "a finite number >= 0 (0 = unconditional, 1 = conditional)",
+            lambda w: w >= 0)
         self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier)
         stored = None if class_names is None else {str(i): name for i, name in enumerate(class_names)}
-        self.register_to_config(class_names=stored, default_guidance_scale=float(default_guidance_scale))
+        self.register_to_config(class_names=stored, default_guidance_scale=default_guidance_scale)
+
+    @staticmethod
+    def _checked_class_names(class_names, num_classes: int, num_class_embeds: int) -> list[str] | None:
+        """``class_names`` (a list of names, or the saved id -> name mapping) as a list, checked."""
+        if class_names is None:
+            return None
+        if isinstance(class_names, Mapping):  # as saved: {"0": name, "1": name, ...}
+            if sorted(class_names, key=str) != sorted(str(i) for i in range(len(class_names))):
+                raise ValueError(f"class_names as a mapping needs the ids 0..{len(class_names) - 1} as keys, "
+                                 f"got {sorted(class_names, key=str)}")
+            class_names = [class_names[str(i)] for i in range(len(class_names))]
+        elif isinstance(class_names, (str, bytes)) or not isinstance(class_names, Sequence):
+            raise ValueError(f"class_names must be a list of strings, one per class, or None; got "
+                             f"{type(class_names).__name__} {class_names!r}")
+        bad = [name for name in class_names if not isinstance(name, str) or not name]
+        if bad:
+            raise ValueError(f"class_names must be non-empty strings, got {bad!r}")
+        if len(class_names) != num_classes:
+            raise ValueError(
+                f"class_names has {len(class_names)} entries but the unet has {num_classes} classes "
+                f"(num_class_embeds={num_class_embeds} includes the null class)"
+            )
+        if len(set(class_names)) != len(class_names):
+            raise ValueError(f"class_names must be unique, got {list(class_names)}")
+        return list(class_names)
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ClassConditionalPipeline:
         """Load from a local folder written by ``save_pretrained`` or from a Hub repo id.
 
-        diffusers' downloader expects a Hub pipeline's non-diffusers components to ship their code as
-        ``{component}/{module}.py``; hfx components live in the installed ``hfx`` package instead, so for a
-        repo id the whole snapshot is downloaded first and the local folder is loaded. ``revision``,
-        ``cache_dir``, ``token``, ``force_download`` and ``local_files_only`` apply to that download; other
-        keyword arguments (``torch_dtype``, component overrides such as ``scheduler=...``) go to diffusers.
+        A repo id goes through diffusers' own downloader (:meth:`download`); ``revision``, ``cache_dir``,
+        ``token``, ``force_download`` and ``local_files_only`` apply to it. Other keyword arguments
+        (``torch_dtype``, component overrides such as ``scheduler=...``) go to diffusers' loader.
 
         Raises:
-            FileNotFoundError: a missing local folder, a folder without ``model_index.json``, or a repo id
-                that cannot be downloaded (or is not cached, offline).
+            FileNotFoundError: a missing local folder, a folder without ``model_index.json``, or a repo id that
+                cannot be loaded (not on the Hub, not cached while offline or unreachable); the first line of the
+                message names the folder or repo id and says why.
         """
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
             if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
                 raise FileNotFoundError(f"no pipeline folder at {path!r} (and it is not a Hub repo id)")
-            from huggingface_hub import snapshot_download
-            from huggingface_hub.errors import HfHubHTTPError
-
-            download_keys = ("revision", "cache_dir", "token", "force_download", "local_files_only")
-            try:
-                path = snapshot_download(path, **{key: kwargs.pop(key) for key in download_keys if key in kwargs})
-            except HfHubHTTPError as err:
-                raise FileNotFoundError(f"cannot download pipeline {path!r} from the Hub: {err}") from err
-        if not os.path.isfile(os.path.join(path, "model_index.json")):
+        elif not os.path.isfile(os.path.join(path, "model_index.json")):
             raise FileNotFoundError(f"{path!r} has no model_index.json: not a folder written by save_pretrained")
         return super().from_pretrained(path, **kwargs)
+
+    @classmethod
+    def download(cls, pretrained_model_name: str, **kwargs) -> str | os.PathLike:
+        """diffusers' :meth:`DiffusionPipeline.download`, with errors that say which repo failed and why.
+
+        Raises:
+            FileNotFoundError: the repo cannot be downloaded or found in the cache. The first line names the repo
+                id (and revision) and the reason; the Hub's own error is chained as the cause.
+        """
+        from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+        from huggingface_hub.utils import httpx
+
+        try:
+            return super().download(pretrained_model_name, **kwargs)
+        except (OSError, EntryNotFoundError, HFValidationError, httpx.HTTPError) as err:
+            revision = kwargs.get("revision")
+            reason = _hub_error_reason(err, revision)
+            if reason is None:
+                raise
+            at = f" at revision {revision!r}" if revision else ""
+            raise FileNotFoundError(
+                f"cannot load pipeline {pretrained_model_name!r}{at}: {reason}\n({type(err).__name__}: {err})"
+            ) from err
 
     # ------------------------------------------------------------------------------------------ labels
     @property
@@ -171,15 +271,20 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
         Raises:
             ValueError: a name that is not in :attr:`class_names`, an id out of range, a bool or float,
-                or an empty list.
+                an empty list, or something that is not a label or a list of labels (None, a dict, ...).
         """
-        if isinstance(class_labels, torch.Tensor):
-            if class_labels.is_floating_point() or class_labels.dim() > 1:
-                raise ValueError(f"class_labels tensor must be 0-d or 1-d integers, got {class_labels.dtype} "
-                                 f"of shape {tuple(class_labels.shape)}")
+        if isinstance(class_labels, (torch.Tensor, np.ndarray)):
+            is_torch = isinstance(class_labels, torch.Tensor)
+            if class_labels.is_floating_point() if is_torch else class_labels.dtype.kind == "f":
+                raise ValueError(f"class_labels must be integer ids, got a {class_labels.dtype} array")
+            if class_labels.ndim > 1:
+                raise ValueError(f"class_labels must be 0-d or 1-d, got shape {tuple(class_labels.shape)}")
             class_labels = class_labels.reshape(-1).tolist()
-        elif isinstance(class_labels, (int, str)):
+        elif isinstance(class_labels, (numbers.Integral, str)):
             class_labels = [class_labels]
+        elif not isinstance(class_labels, Sequence):
+            raise ValueError("class_labels must be a class id, a class name, a list of them or a 1-d integer tensor, "
+                             f"got {type(class_labels).__name__}")
         labels = list(class_labels)
         if not labels:
             raise ValueError("class_labels is empty: give at least one class id or name")
@@ -191,7 +296,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
                     known = f"one of {names}" if names else f"an id in [0, {self.num_classes}) (this pipeline has no class names)"
                     raise ValueError(f"unknown class name {label!r}: expected {known}")
                 ids.append(names.index(label))
-            elif isinstance(label, bool) or not isinstance(label, numbers.Integral):
+            elif isinstance(label, (bool, np.bool_)) or not isinstance(label, numbers.Integral):
                 raise ValueError(f"class label {label!r} must be an int id or a class name, not {type(label).__name__}")
             elif not 0 <= label < self.num_classes:
                 raise ValueError(
@@ -201,6 +306,43 @@ class ClassConditionalPipeline(DiffusionPipeline):
             else:
                 ids.append(int(label))
         return ids
+
+    # ------------------------------------------------------------------------------------------ call state
+    # As in diffusers' StableDiffusionPipeline: set by `__call__` and read at every step, so that a
+    # `callback_on_step_end` can change them mid-run (e.g. `pipe._guidance_scale = 1.0` ends guidance,
+    # `pipe._interrupt = True` skips the remaining steps).
+    @property
+    def guidance_scale(self) -> float:
+        """The classifier-free guidance scale of the current (or last) call."""
+        return self._guidance_scale
+
+    @property
+    def guidance_rescale(self) -> float:
+        """The guidance rescale factor of the current (or last) call."""
+        return self._guidance_rescale
+
+    @property
+    def classifier_scale(self) -> float:
+        """The classifier guidance scale of the current (or last) call."""
+        return self._classifier_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether a step needs both the conditional and the null-class prediction: any scale but 0 (the null
+        class alone) and 1 (the conditional model alone). Note that diffusers' text pipelines switch guidance
+        on only above 1; here 0 < scale < 1 interpolates between the unconditional and conditional model."""
+        return self._guidance_scale not in (0.0, 1.0)
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number of denoising steps of the current (or last) call."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """True once a callback has set ``pipe._interrupt = True``: the remaining steps are skipped and the
+        current sample is decoded."""
+        return self._interrupt
 
     # ------------------------------------------------------------------------------------------ guidance
     def _guided_model_output(
@@ -259,13 +401,6 @@ class ClassConditionalPipeline(DiffusionPipeline):
         """The scheduler to run: the pipeline's own, or a copy with dynamic thresholding switched on."""
         if dynamic_thresholding_ratio is None:
             return self.scheduler
-        if not 0 < dynamic_thresholding_ratio <= 1:
-            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio}")
-        if "thresholding" not in self.scheduler.config:
-            raise ValueError(
-                f"{type(self.scheduler).__name__} has no dynamic thresholding; use DDPMScheduler, DDIMScheduler "
-                "or DPMSolverMultistepScheduler"
-            )
         # Imagen divides by s = max(1, quantile) with no upper bound; the schedulers clamp s to
         # [1, sample_max_value], so an infinite maximum is exactly Imagen's rule.
         return type(self.scheduler).from_config(
@@ -276,35 +411,104 @@ class ClassConditionalPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------ sampling
     def check_inputs(
         self, guidance_scale: float, classifier_scale: float, num_inference_steps: int, guidance_rescale: float,
-        output_type: str,
+        output_type: str, dynamic_thresholding_ratio: float | None = None, num_images_per_prompt: int = 1,
+        return_dict: bool = True, callback_on_step_end: StepEndCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> None:
-        """Raise a ValueError naming the first bad argument."""
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (0 = unconditional, 1 = conditional), got {guidance_scale}")
-        if classifier_scale < 0:
-            raise ValueError(f"classifier_scale must be >= 0, got {classifier_scale}")
+        """Raise a ValueError naming the first bad argument and what it allows (NaN and inf never pass)."""
+        _checked_number("guidance_scale", guidance_scale,
+                        ">= 0 (a finite number; 0 = unconditional, 1 = conditional)", lambda w: w >= 0)
+        _checked_number("classifier_scale", classifier_scale, ">= 0 (a finite number)", lambda s: s >= 0)
         if classifier_scale > 0 and self.classifier is None:
             raise ValueError("classifier_scale > 0 needs a classifier: this pipeline has none")
         if classifier_scale > 0 and getattr(self.scheduler, "alphas_cumprod", None) is None:
             raise ValueError(f"classifier guidance needs a scheduler with alphas_cumprod; "
                              f"{type(self.scheduler).__name__} has none")
-        if not 0 <= guidance_rescale <= 1:
-            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        _checked_number("guidance_rescale", guidance_rescale, "in [0, 1]", lambda r: 0 <= r <= 1)
+        if dynamic_thresholding_ratio is not None:
+            _checked_number("dynamic_thresholding_ratio", dynamic_thresholding_ratio, "in (0, 1] or None",
+                            lambda q: 0 < q <= 1)
+            if "thresholding" not in self.scheduler.config:
+                raise ValueError(
+                    f"{type(self.scheduler).__name__} has no dynamic thresholding; use DDPMScheduler, DDIMScheduler "
+                    "or DPMSolverMultistepScheduler"
+                )
+        _checked_count("num_inference_steps", num_inference_steps)
         train_steps = self.scheduler.config.get("num_train_timesteps")
         if train_steps is not None and num_inference_steps > train_steps:
             raise ValueError(
                 f"num_inference_steps={num_inference_steps} is more than {type(self.scheduler).__name__} can run: "
                 f"the model was trained with num_train_timesteps={train_steps}"
             )
-        if output_type not in ("pil", "np", "pt"):
+        _checked_count("num_images_per_prompt", num_images_per_prompt, "an integer >= 1 (images per class label)")
+        if not isinstance(output_type, str) or output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if not isinstance(return_dict, bool):
+            raise ValueError(f"return_dict must be True or False, got {return_dict!r}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError("callback_on_step_end must be a function (pipe, step_index, timestep, callback_kwargs) -> "
+                             f"dict, a PipelineCallback or a MultiPipelineCallbacks; got {type(callback_on_step_end).__name__}")
+        if isinstance(callback_on_step_end_tensor_inputs, str) or not isinstance(callback_on_step_end_tensor_inputs, Sequence):
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a list of names from "
+                             f"{self._callback_tensor_inputs}, got {callback_on_step_end_tensor_inputs!r}")
+        if not all(k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs):  # diffusers' check
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found "
+                f"{[k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]}"
+            )
         if self.unet.config.out_channels != self.unet.config.in_channels:
             raise ValueError(
                 f"the unet predicts {self.unet.config.out_channels} channels for {self.unet.config.in_channels} input "
                 "channels; learned-variance outputs are not supported"
             )
+
+    def prepare_latents(
+        self, num_labels: int, num_images_per_prompt: int, generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None, device: torch.device, init_noise_sigma: float,
+    ) -> torch.Tensor:
+        """The starting noise x_T of shape (num_labels * num_images_per_prompt, channels, *sample_size), scaled
+        by the scheduler's ``init_noise_sigma``: drawn from ``generator``, or ``latents`` when given.
+
+        Raises:
+            ValueError: a generator that is not a ``torch.Generator`` or a list of one per image, or ``latents``
+                that are not a finite floating-point tensor of that shape.
+        """
+        batch_size = num_labels * num_images_per_prompt
+        images = f"{num_labels} class labels x num_images_per_prompt={num_images_per_prompt} = {batch_size} images"
+        size = self.unet.config.sample_size
+        shape = (batch_size, self.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
+        if isinstance(generator, list):
+            if len(generator) != batch_size:
+                raise ValueError(f"got {len(generator)} generators for {images}: give one per image")
+            if not all(isinstance(g, torch.Generator) for g in generator):
+                raise ValueError(f"generator must hold torch.Generator objects, got {[type(g).__name__ for g in generator]}")
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, a list of one per image, or None; got "
+                             f"{type(generator).__name__}")
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        elif not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+            raise ValueError(f"latents must be a floating-point torch.Tensor of shape {shape}, got "
+                             f"{type(latents).__name__} {getattr(latents, 'dtype', '')}".rstrip())
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {images}")
+        elif not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or infinite values: the starting noise must be finite")
+        else:
+            latents = latents.to(device=device, dtype=self.unet.dtype)
+        return latents * init_noise_sigma
+
+    def _step_end_callback(
+        self, callback: StepEndCallback, tensor_inputs: Sequence[str], step_index: int, t: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Call ``callback(pipe, step_index, timestep, callback_kwargs)`` with the named ``tensors``, as diffusers'
+        pipelines do, and return ``tensors`` with those the callback returned put in their place."""
+        outputs = callback(self, step_index, t, {name: tensors[name] for name in tensor_inputs})
+        if not isinstance(outputs, Mapping):
+            raise ValueError(f"callback_on_step_end must return a dict (the callback_kwargs it was given, changed "
+                             f"or not), got {type(outputs).__name__}")
+        return {name: outputs.get(name, value) for name, value in tensors.items()}
 
     def decode_latents(self, sample: torch.Tensor) -> torch.Tensor:
         """The denoised sample as images in [-1, 1]: pixel space already here; latent pipelines decode."""
@@ -323,69 +527,112 @@ class ClassConditionalPipeline(DiffusionPipeline):
         dynamic_thresholding_ratio: float | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        num_images_per_prompt: int = 1,
+        callback_on_step_end: StepEndCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> ImagePipelineOutput | tuple:
-        r"""Generate one image per entry of ``class_labels``.
+        r"""Generate ``num_images_per_prompt`` images for each entry of ``class_labels``.
 
         Args:
-            class_labels: class ids and/or names (:attr:`class_names`): one, a list, or a 1-d int tensor.
-                The batch size is its length.
-            guidance_scale: classifier-free guidance weight ``w`` (>= 0). 0 samples the null class alone
+            class_labels (`int`, `str`, `list` or 1-d integer `torch.Tensor`):
+                Class ids and/or names (:attr:`class_names`): one, a list, or a 1-d int tensor.
+            guidance_scale (`float`, *optional*, defaults to `config.default_guidance_scale`):
+                Classifier-free guidance weight ``w``, a finite number >= 0. 0 samples the null class alone
                 (unconditional), 1 the conditional model alone, larger values push harder towards the class.
-                Defaults to ``config.default_guidance_scale``.
-            classifier_scale: classifier guidance weight ``s`` (>= 0; needs the ``classifier`` component).
-            num_inference_steps: denoising steps, between 1 and the scheduler's ``num_train_timesteps``.
-            generator: a ``torch.Generator`` (or one per image) for reproducible noise.
-            latents: the starting noise, shape (batch, channels, height, width); drawn from ``generator``
+            classifier_scale (`float`, *optional*, defaults to 0.0):
+                Classifier guidance weight ``s``, a finite number >= 0 (> 0 needs the ``classifier`` component).
+            num_inference_steps (`int`, *optional*, defaults to 50):
+                Denoising steps, between 1 and the scheduler's ``num_train_timesteps``.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                A generator (or one per image: ``len(class_labels) * num_images_per_prompt`` of them) for
+                reproducible noise.
+            latents (`torch.Tensor`, *optional*):
+                The starting noise, a finite float tensor of shape
+                (``len(class_labels) * num_images_per_prompt``, channels, height, width); drawn from ``generator``
                 when ``None``.
-            guidance_rescale: in [0, 1]; rescales the guided prediction's std to the conditional one's
-                (Lin et al. 2023) to counter oversaturation at high ``guidance_scale``.
-            dynamic_thresholding_ratio: in (0, 1]; Imagen's dynamic thresholding of the predicted ``x_0`` at
-                this quantile. ``None`` keeps the scheduler's own clipping.
-            output_type: ``"pil"`` (list of PIL images), ``"np"`` (float array (batch, H, W, C) in [0, 1]) or
-                ``"pt"`` (float tensor (batch, C, H, W) in [0, 1]).
-            return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
+            guidance_rescale (`float`, *optional*, defaults to 0.0):
+                In [0, 1]; rescales the guided prediction's std to the conditional one's (Lin et al. 2023) to
+                counter oversaturation at high ``guidance_scale``.
+            dynamic_thresholding_ratio (`float`, *optional*):
+                In (0, 1]; Imagen's dynamic thresholding of the predicted ``x_0`` at this quantile. ``None`` keeps
+                the scheduler's own clipping.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                ``"pil"`` (list of PIL images), ``"np"`` (float array (batch, H, W, C) in [0, 1]) or ``"pt"``
+                (float tensor (batch, C, H, W) in [0, 1]).
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Return an ``ImagePipelineOutput`` rather than a tuple.
+            num_images_per_prompt (`int`, *optional*, defaults to 1):
+                The number of images to generate per class label (an integer >= 1). Each label is repeated in
+                place, as diffusers repeats prompts: ``pipe([3, 7], num_images_per_prompt=2)`` gives the images of
+                labels ``[3, 3, 7, 7]``.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called at the end of each denoising step as ``callback_on_step_end(pipe, step_index, timestep,
+                callback_kwargs)``; ``callback_kwargs`` holds the tensors named by
+                ``callback_on_step_end_tensor_inputs`` and the callback returns a dict whose tensors replace the
+                pipeline's (e.g. ``{"latents": ...}``). It may also set ``pipe._interrupt = True`` to skip the
+                remaining steps, or ``pipe._guidance_scale`` to change guidance for the steps that follow.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
+                The tensors passed in ``callback_kwargs``, from :attr:`_callback_tensor_inputs`: ``"latents"``
+                (the sample after the step) and ``"class_labels"`` (the id of each image, shape (batch,)). A
+                ``PipelineCallback`` or ``MultiPipelineCallbacks`` brings its own ``tensor_inputs`` instead.
 
         Returns:
-            ``ImagePipelineOutput(images=...)`` or ``(images,)``.
+            ``ImagePipelineOutput(images=...)`` or ``(images,)``: ``len(class_labels) * num_images_per_prompt``
+            images, those of one label adjacent.
 
         Raises:
-            ValueError: an unknown class name or out-of-range id, a negative guidance or classifier scale,
-                classifier guidance without a classifier, fewer than 1 step or more than the scheduler
-                can run, a generator list or ``latents`` whose batch size does not match the labels.
+            ValueError: an unknown class name or out-of-range id; a guidance, classifier or rescale scale or a
+                thresholding ratio that is NaN, infinite, of the wrong type or out of its range; classifier
+                guidance without a classifier; fewer than 1 step or more than the scheduler can run; a
+                ``num_images_per_prompt`` that is not an integer >= 1; a generator list or ``latents`` whose batch
+                size does not match; tensor inputs not in :attr:`_callback_tensor_inputs`.
         """
+        # 0. Defaults, as in diffusers: a PipelineCallback names the tensors it needs itself.
         if guidance_scale is None:
             guidance_scale = self.config.default_guidance_scale
-        self.check_inputs(guidance_scale, classifier_scale, num_inference_steps, guidance_rescale, output_type)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 1. Check the arguments; the loop reads guidance from the pipeline, where a callback may change it.
+        self.check_inputs(guidance_scale, classifier_scale, num_inference_steps, guidance_rescale, output_type,
+                          dynamic_thresholding_ratio, num_images_per_prompt, return_dict, callback_on_step_end,
+                          callback_on_step_end_tensor_inputs)
+        self._guidance_scale, self._guidance_rescale = float(guidance_scale), float(guidance_rescale)
+        self._classifier_scale = float(classifier_scale)
+        self._interrupt = False
         scheduler = self._sampling_scheduler(dynamic_thresholding_ratio)
         device = self._execution_device
-        labels = torch.tensor(self.class_ids(class_labels), device=device, dtype=torch.long)
-        batch_size = len(labels)
 
-        size = self.unet.config.sample_size
-        shape = (batch_size, self.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"got {len(generator)} generators for {batch_size} class labels: give one per image")
-        if latents is None:
-            image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {batch_size} labels")
-        else:
-            image = latents.to(device=device, dtype=self.unet.dtype)
-        image = image * scheduler.init_noise_sigma
+        # 2. One label per image: each class label repeated num_images_per_prompt times, in place.
+        ids = self.class_ids(class_labels)
+        labels = torch.tensor(ids, device=device, dtype=torch.long).repeat_interleave(num_images_per_prompt)
 
+        # 3. The starting noise x_T.
+        latents = self.prepare_latents(len(ids), num_images_per_prompt, generator, latents, device,
+                                       scheduler.init_noise_sigma)
+
+        # 4. Denoise: guided prediction, scheduler step, then the step-end callback.
         scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(scheduler.timesteps)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        for t in self.progress_bar(scheduler.timesteps):
-            model_input = scheduler.scale_model_input(image, t)
-            model_output = self._guided_model_output(model_input, t, labels, guidance_scale, guidance_rescale)
-            if classifier_scale > 0:
+        for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
+            if self.interrupt:
+                continue
+            model_input = scheduler.scale_model_input(latents, t)
+            model_output = self._guided_model_output(model_input, t, labels, self.guidance_scale, self.guidance_rescale)
+            if self.classifier_scale > 0:
                 model_output = self._classifier_guidance(
-                    model_output, model_input, t, labels, classifier_scale, scheduler.alphas_cumprod,
+                    model_output, model_input, t, labels, self.classifier_scale, scheduler.alphas_cumprod,
                     scheduler.config.prediction_type,
                 )
-            image = scheduler.step(model_output, t, image, **step_kwargs).prev_sample
+            latents = scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                tensors = self._step_end_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, i, t,
+                                                  {"latents": latents, "class_labels": labels})
+                latents, labels = tensors["latents"], tensors["class_labels"]
 
-        image = (self.decode_latents(image) / 2 + 0.5).clamp(0, 1)
+        # 5. Decode to images in [0, 1].
+        image = (self.decode_latents(latents) / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).float().numpy()
             if output_type == "pil":

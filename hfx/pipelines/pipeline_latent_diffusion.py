@@ -9,13 +9,13 @@ unit-variance inputs in training) and decoded to images.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
 from hfx.models.noisy_classifier import NoisyClassifier
-from hfx.pipelines.pipeline_class_conditional import ClassConditionalPipeline
+from hfx.pipelines.pipeline_class_conditional import ClassConditionalPipeline, _checked_number
 
 
 class LatentDiffusionPipeline(ClassConditionalPipeline):
@@ -26,8 +26,8 @@ class LatentDiffusionPipeline(ClassConditionalPipeline):
             ``config.scaling_factor`` maps latents to the diffusion model's scale (``z * scaling_factor``).
         unet, scheduler, classifier: as in :class:`ClassConditionalPipeline`, on latents.
 
-    Call it exactly like :class:`ClassConditionalPipeline`; ``latents`` (the starting noise), when given,
-    have the latent shape.
+    Call it exactly like :class:`ClassConditionalPipeline`; ``latents`` (the starting noise, and the
+    ``"latents"`` a ``callback_on_step_end`` sees), when given, have the latent shape.
     """
 
     model_cpu_offload_seq = "unet->vae"
@@ -38,11 +38,17 @@ class LatentDiffusionPipeline(ClassConditionalPipeline):
         unet: UNet2DModel,
         scheduler: SchedulerMixin,
         classifier: NoisyClassifier | None = None,
-        class_names: Sequence[str] | None = None,
+        class_names: Sequence[str] | Mapping[str, str] | None = None,
         default_guidance_scale: float = 2.0,
     ):
         super().__init__(unet=unet, scheduler=scheduler, classifier=classifier, class_names=class_names,
                          default_guidance_scale=default_guidance_scale)
+        vae_config = getattr(vae, "config", None)
+        if vae_config is None or not callable(getattr(vae, "decode", None)):
+            raise ValueError("vae must be an HfxVAEModel or a diffusers AutoencoderKL (a model with a config and "
+                             f"decode), got {type(vae).__name__}")
+        _checked_number("the vae's config.scaling_factor", getattr(vae_config, "scaling_factor", None),
+                        "a finite number > 0 (latents are divided by it before decoding)", lambda factor: factor > 0)
         if getattr(vae.config, "num_classes", None) is not None:
             raise ValueError("the vae of a LatentDiffusionPipeline must be unconditional (its config.num_classes "
                              f"is {vae.config.num_classes}); the UNet carries the class condition")
