@@ -37,6 +37,10 @@ MODULES_TO_IMPORT: list[str] = ["hfx.peft", "hfx.pipelines"]
 DEFAULT_TRAIN_CALLBACKS: list[str] = ["hfx.hub.callback:HubCallback"]
 
 
+#: Every class registered through this module, by name (what :func:`find_class` looks up first).
+REGISTERED_CLASSES: dict[str, type] = {}
+
+
 def default_train_callbacks(given: list) -> list:
     """Instances of the :data:`DEFAULT_TRAIN_CALLBACKS` that ``given`` has no instance of."""
     classes = [_resolve(path) for path in DEFAULT_TRAIN_CALLBACKS]
@@ -69,6 +73,7 @@ def register_auto_model(config_class: type, model_classes: dict[str, type]) -> N
     for auto_name, model_class in model_classes.items():
         auto_class = getattr(transformers, auto_name)
         auto_class.register(config_class, model_class, exist_ok=True)
+        REGISTERED_CLASSES[model_class.__name__] = model_class
 
 
 def register_pipeline(pipeline_class: type, component_classes: list[type]) -> None:
@@ -98,7 +103,9 @@ def register_pipeline(pipeline_class: type, component_classes: list[type]) -> No
         raise ValueError(f"diffusers already has {name} ({getattr(existing, '__module__', type(existing).__name__)}); "
                          f"cannot register {pipeline_class.__module__}.{name} under that name")
     setattr(diffusers, name, pipeline_class)
+    REGISTERED_CLASSES[name] = pipeline_class
     for component in component_classes:
+        REGISTERED_CLASSES[component.__name__] = component
         library, base = next(((library, base) for library in ("diffusers", "transformers") for base in LOADABLE_CLASSES[library]
                               if issubclass(component, getattr(importlib.import_module(library), base, ()))), (None, None))
         if base is None:
@@ -108,6 +115,18 @@ def register_pipeline(pipeline_class: type, component_classes: list[type]) -> No
             raise ValueError(f"{component.__module__} must import {base}: diffusers finds a component's base class "
                              "by name on the component's module")
         LOADABLE_CLASSES.setdefault(component.__module__, {})[base] = list(LOADABLE_CLASSES[library][base])
+
+
+def find_class(name: str) -> type | None:
+    """The class an artifact names (``architectures[0]`` or ``_class_name``): a model, pipeline or component
+    registered through this module, else diffusers' or transformers' class of that name, else None."""
+    if name in REGISTERED_CLASSES:
+        return REGISTERED_CLASSES[name]
+    for library in ("diffusers", "transformers"):
+        found = getattr(importlib.import_module(library), name, None)
+        if isinstance(found, type):
+            return found
+    return None
 
 
 def register_all() -> None:

@@ -98,13 +98,14 @@ def render_card(output_dir: str | Path, *, out_dir: str | Path | None = None, **
     if unknown:
         raise ValueError(f"unknown card facts {unknown}; known: {', '.join(sorted(FACT_KEYS))}")
     output = resolve_output(output_dir)
+    run = _RunRecord(output)
+    # The run's own facts (the task's summary and Hub task type, in results.json), then those kept from an
+    # earlier render, then the caller's.
     stored = output.artifact_dir / FACTS_FILE
-    if stored.is_file():
-        facts = {**json.loads(stored.read_text()), **facts}
+    facts = {**run.card_facts, **(json.loads(stored.read_text()) if stored.is_file() else {}), **facts}
     target = Path(out_dir) if out_dir is not None else output.artifact_dir
     target.mkdir(parents=True, exist_ok=True)
 
-    run = _RunRecord(output)
     images = _images(output, run, target, facts)
     card = _build_card(output, run, facts, images)
     readme = target / "README.md"
@@ -136,8 +137,13 @@ class _RunRecord:
         self.results: dict = json.loads(results_file.read_text()) if results_file else {}
         metrics_file = output.run_file("metrics.jsonl")
         self.metrics: list[dict] = []
-        if metrics_file:
-            self.metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+        for line in metrics_file.read_text().splitlines() if metrics_file else []:
+            try:
+                self.metrics.append(json.loads(line))
+            except ValueError:  # a line torn by a killed run: the curve goes on without it
+                logger.warning("%s: skipping a line that is not a record: %.60r", metrics_file, line)
+        facts = self.results.get("card_facts") or {}
+        self.card_facts = {k: v for k, v in facts.items() if k in FACT_KEYS}
 
     @property
     def data(self) -> dict:
@@ -248,11 +254,33 @@ def _results_section(results: list[dict], run: _RunRecord) -> str:
             "| metric | value | samples | feature extractor |\n|---|---|---|---|\n" + "\n".join(rows))
 
 
+def artifact_class(output: Output) -> type | None:
+    """The class of the artifact (its ``_class_name`` or ``architectures[0]``), found among hfx's registered
+    classes and diffusers' and transformers'; None for an adapter, a timm model or an unknown class."""
+    import hfx  # noqa: F401  (registers hfx's classes)
+    from hfx._registry import find_class
+
+    config = output.config
+    if output.kind == "adapter" or is_timm(config):
+        return None
+    name = config.get("_class_name") or (config.get("architectures") or [None])[0]
+    if isinstance(name, list):  # a remote-code export: [module, class]
+        name = name[-1]
+    return find_class(name) if isinstance(name, str) else None
+
+
+def _usage(output: Output) -> list[str]:
+    """What the artifact's class says a first use looks like (``hub_card_usage``), as snippet lines."""
+    cls = artifact_class(output)
+    usage = getattr(cls, "hub_card_usage", None)
+    return usage(str(output.artifact_dir)).splitlines() if usage is not None else []
+
+
 def load_snippet(output: Output, ref: str, remote_code: bool = False) -> str:
-    """Python that loads this exact artifact from ``ref`` (a repo id or a folder) and uses it once."""
+    """Python that loads this exact artifact from ``ref`` (a repo id or a folder) and uses it once (the use
+    is the artifact class's ``hub_card_usage``, when it has one)."""
     config = output.config
     if output.kind == "pipeline":
-        name = config["_class_name"]
         if remote_code and list_settings(config) and not os.path.isdir(ref):
             # diffusers' Hub loader reads list-valued settings as components: load a downloaded copy.
             lines = ["from diffusers import DiffusionPipeline", "from huggingface_hub import snapshot_download", "",
@@ -261,13 +289,9 @@ def load_snippet(output: Output, ref: str, remote_code: bool = False) -> str:
             lines = ["from diffusers import DiffusionPipeline", "",
                      f'pipe = DiffusionPipeline.from_pretrained("{ref}", trust_remote_code=True)']
         else:
-            lines = ["import hfx  # registers hfx's pipeline and component modules with diffusers",
-                     f"from hfx.pipelines import {name}", "", f'pipe = {name}.from_pretrained("{ref}")']
-        num_class_embeds = _component_config(output, "unet").get("num_class_embeds")
-        if num_class_embeds:
-            labels = list(range(min(4, num_class_embeds - 1)))
-            lines.append(f"images = pipe({labels}, num_inference_steps=25).images  # one PIL image per class id")
-        return "\n".join(lines)
+            lines = ["import hfx  # registers hfx's pipelines and their components with diffusers",
+                     "from diffusers import DiffusionPipeline", "", f'pipe = DiffusionPipeline.from_pretrained("{ref}")']
+        return "\n".join(lines + _usage(output))
     if output.kind == "adapter":
         auto = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
                 "TOKEN_CLS": "AutoModelForTokenClassification"}.get(config.get("task_type") or "", "AutoModel")
@@ -281,6 +305,17 @@ def load_snippet(output: Output, ref: str, remote_code: bool = False) -> str:
     if is_timm(config):
         source = f"hf-hub:{ref}" if not os.path.isdir(ref) else f"local-dir:{ref}"
         return "\n".join(["import timm", "", f'model = timm.create_model("{source}", pretrained=True).eval()'])
+    if "_class_name" in config:  # a diffusers model saved alone (a pipeline component)
+        if remote_code:  # hfx.hub.export ships its code and an auto_map
+            lines = ["from diffusers import AutoModel", "",
+                     f'model = AutoModel.from_pretrained("{ref}", trust_remote_code=True)']
+        else:
+            cls = artifact_class(output)
+            where = _public_module(cls) if cls is not None else "diffusers"
+            name = config["_class_name"]
+            lines = ["import hfx  # registers hfx's model classes", f"from {where} import {name}", "",
+                     f'model = {name}.from_pretrained("{ref}")']
+        return "\n".join(lines + _usage(output))
     auto = auto_class_name((config.get("architectures") or [None])[0])
     if remote_code:
         lines = [f"from transformers import {auto}", "",
@@ -288,10 +323,19 @@ def load_snippet(output: Output, ref: str, remote_code: bool = False) -> str:
     else:
         lines = ["import hfx  # registers hfx's model classes with transformers", f"from transformers import {auto}",
                  "", f'model = {auto}.from_pretrained("{ref}")']
-    if config.get("model_type") == "hfx_vae":
-        labels = ", labels=[0, 1, 2, 3]" if config.get("num_classes") else ""
-        lines.append(f"images = model.sample(4{labels})  # (4, channels, height, width) in [-1, 1]")
-    return "\n".join(lines)
+    return "\n".join(lines + _usage(output))
+
+
+def _public_module(cls: type) -> str:
+    """The shortest package path that exports ``cls`` (``hfx.models.noisy_classifier`` for its modeling file)."""
+    import importlib
+
+    parts = cls.__module__.split(".")
+    for end in range(1, len(parts) + 1):
+        module = importlib.import_module(".".join(parts[:end]))
+        if getattr(module, cls.__name__, None) is cls:
+            return module.__name__
+    return cls.__module__
 
 
 def list_settings(model_index: dict) -> list[str]:
@@ -308,8 +352,9 @@ def is_timm(config: dict) -> bool:
 
 def _pipeline_tag(output: Output) -> str | None:
     config = output.config
-    if output.kind == "pipeline":
-        return "unconditional-image-generation"  # the closest Hub tag for class-conditional image generation
+    declared = getattr(artifact_class(output), "hub_pipeline_tag", None)  # what the class says of itself
+    if declared:
+        return declared
     if output.kind == "adapter":
         return {"CAUSAL_LM": "text-generation", "SEQ_CLS": "text-classification"}.get(config.get("task_type") or "")
     if is_timm(config):
@@ -342,14 +387,6 @@ def _summary(output: Output, method: str, run: _RunRecord) -> str:
             "model": f"A {'timm' if is_timm(output.config) else 'transformers'} model (`{_type_name(output)}`)"}[output.kind]
     data = f" on `{run.dataset}`" if run.dataset else ""
     return f"{what} trained{data} with [hfx](https://github.com/hfx) (method: `{method}`)."
-
-
-def _component_config(output: Output, name: str) -> dict:
-    for candidate in ("config.json", f"{name}_config.json"):
-        path = output.artifact_dir / name / candidate
-        if path.is_file():
-            return json.loads(path.read_text())
-    return {}
 
 
 # ---------------------------------------------------------------------------------------- images
@@ -434,28 +471,15 @@ def plot_loss_curve(records: list[dict], path: Path) -> bool:
 
 
 def sample_grid(output: Output, seed: int = 0):
-    """A small sample grid (PIL image) from a class-conditional pipeline or an hfx VAE; None for others."""
-    import torch
+    """A small sample grid (PIL image) from the artifact class's ``hub_card_samples``; None for a class
+    without one."""
+    from diffusers.utils import make_image_grid
 
-    import hfx  # noqa: F401  (registers the classes the artifact needs)
-
-    if output.kind == "pipeline" and output.config.get("_class_name") == "ClassConditionalPipeline":
-        from hfx.pipelines import ClassConditionalPipeline, class_grid, scheduler_from_name
-
-        pipe = ClassConditionalPipeline.from_pretrained(str(output.artifact_dir))
-        pipe.scheduler = scheduler_from_name("ddim", pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-        classes = list(range(min(pipe.num_classes, 10)))
-        return class_grid(pipe, classes, 4, num_inference_steps=25, generator=torch.Generator().manual_seed(seed))
-    if output.kind == "model" and output.config.get("model_type") == "hfx_vae":
-        from diffusers.utils import make_image_grid
-        from transformers import AutoModel
-
-        model = AutoModel.from_pretrained(str(output.artifact_dir)).eval()
-        labels = torch.arange(16) % model.config.num_classes if model.config.num_classes else None
-        images = model.sample(16, labels=labels, generator=torch.Generator().manual_seed(seed))
-        return make_image_grid(_to_pil(images), rows=4, cols=4)
-    return None
+    samples = getattr(artifact_class(output), "hub_card_samples", None)
+    if samples is None:
+        return None
+    images, rows = samples(str(output.artifact_dir), seed)
+    return make_image_grid(_to_pil(images), rows=rows, cols=len(images) // rows)
 
 
 def _to_pil(images):

@@ -249,6 +249,34 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 f"cannot load pipeline {pretrained_model_name!r}{at}: {reason}\n({type(err).__name__}: {err})"
             ) from err
 
+    # ------------------------------------------------------------------------------------------ model card
+    #: The Hub pipeline tag of the model card (the closest one for class-conditional image generation).
+    hub_pipeline_tag = "unconditional-image-generation"
+
+    @classmethod
+    def hub_card_usage(cls, folder: str | os.PathLike) -> str:
+        """The model card's line that uses a loaded pipeline ``pipe`` once, for the pipeline saved in ``folder``."""
+        import json
+
+        with open(os.path.join(folder, "unet", "config.json")) as handle:
+            num_classes = json.load(handle)["num_class_embeds"] - 1
+        labels = list(range(min(4, num_classes)))
+        return f"images = pipe({labels}, num_inference_steps=25).images  # one PIL image per class id"
+
+    @classmethod
+    def hub_card_samples(cls, folder: str | os.PathLike, seed: int = 0) -> tuple[torch.Tensor, int]:
+        """The model card's sample grid of the pipeline saved in ``folder``: four DDIM-25 samples for each of
+        (up to) the first ten classes at the default guidance, as ``(images (N, C, H, W) in [-1, 1], rows)``."""
+        from diffusers import DDIMScheduler
+
+        pipe = cls.from_pretrained(folder)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        classes = list(range(min(pipe.num_classes, 10)))
+        images = pipe(classes, num_images_per_prompt=4, num_inference_steps=25, output_type="pt",
+                      generator=torch.Generator().manual_seed(seed)).images
+        return images * 2 - 1, len(classes)
+
     # ------------------------------------------------------------------------------------------ labels
     @property
     def class_names(self) -> list[str] | None:

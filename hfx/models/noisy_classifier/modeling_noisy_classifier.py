@@ -43,6 +43,13 @@ class NoisyClassifier(ModelMixin, ConfigMixin):
         flip_sin_to_cos, freq_shift: the sinusoidal timestep embedding, as in ``UNet2DModel``.
     """
 
+    @classmethod
+    def hub_card_usage(cls, folder) -> str:
+        """The model card's lines that use a loaded ``model`` once: classifier guidance in a pipeline."""
+        return ("from hfx.pipelines import ClassConditionalPipeline\n"
+                "pipe = ClassConditionalPipeline.from_pretrained(\"PATH/TO/the/diffusion/pipeline\", classifier=model)\n"
+                "images = pipe([3], guidance_scale=1.0, classifier_scale=2.0).images")
+
     @register_to_config
     def __init__(
         self,

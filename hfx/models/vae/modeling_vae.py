@@ -280,6 +280,25 @@ class HfxVAEModel(HfxVAEPreTrainedModel):
                            reconstruction_images=images, latents=latents)
         return out if return_dict else out.to_tuple()
 
+    @classmethod
+    def hub_card_usage(cls, folder) -> str:
+        """The model card's line that uses a loaded ``model`` once, for the model saved in ``folder``."""
+        import json
+        import os
+
+        with open(os.path.join(folder, "config.json")) as handle:
+            conditional = json.load(handle).get("num_classes")
+        labels = ", labels=[0, 1, 2, 3]" if conditional else ""
+        return f"images = model.sample(4{labels})  # (4, channels, height, width) in [-1, 1]"
+
+    @classmethod
+    def hub_card_samples(cls, folder, seed: int = 0) -> tuple[torch.Tensor, int]:
+        """The model card's sample grid: 16 prior samples (a CVAE's cycling through its classes) of the model
+        saved in ``folder``, as ``(images (16, C, H, W) in [-1, 1], rows)``."""
+        model = cls.from_pretrained(folder).eval()
+        labels = torch.arange(16) % model.config.num_classes if model.config.num_classes else None
+        return model.sample(16, labels=labels, generator=torch.Generator().manual_seed(seed)), 4
+
     @torch.no_grad()
     def sample(self, n: int, labels=None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw z ~ N(0, I) of :attr:`latent_shape` and decode: images (n, C, H, W) in [-1, 1].
