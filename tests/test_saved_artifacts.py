@@ -16,8 +16,9 @@ FIXTURES = Path(__file__).parent / "fixtures" / "saved_by_0.1.0"
 
 @pytest.mark.parametrize("name", ["class_conditional", "latent_diffusion"])
 def test_a_pipeline_saved_by_hfx_0_1_0_loads_and_samples_the_same_images(name):
-    import hfx  # noqa: F401  (registers the pipelines with diffusers)
     from diffusers import DiffusionPipeline
+
+    import hfx  # noqa: F401  (registers the pipelines with diffusers)
 
     index = json.loads((FIXTURES / name / "model_index.json").read_text())
     assert index["classifier"][0] == "hfx.models.noisy_classifier.modeling_noisy_classifier"
