@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 from collections.abc import Callable
 from importlib import metadata
@@ -189,14 +190,30 @@ def _add_demo(parser: argparse.ArgumentParser) -> None:
                         help="overrides of the ddpm-digits recipe, e.g. train.max_steps=500")
     parser.add_argument("--evaluator", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides of the classify-digits recipe (the evaluator)")
+    _add_threads(parser)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from hfx.demo import results_table, run_demo
+    import signal
+
+    from hfx.demo import DemoInterrupted, results_table, run_demo
 
     _log_to_stderr()
-    result = run_demo(args.output_dir, per_class=args.per_class, num_inference_steps=args.steps,
-                      diffusion_overrides=args.diffusion, evaluator_overrides=args.evaluator)
+    _set_threads(args.threads)
+
+    def stop(signum, frame):  # outside the trainings (which checkpoint on a signal themselves): sampling, scoring
+        raise DemoInterrupted(signum, "while sampling and scoring")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        result = run_demo(args.output_dir, per_class=args.per_class, num_inference_steps=args.steps,
+                          diffusion_overrides=args.diffusion, evaluator_overrides=args.evaluator)
+    except DemoInterrupted as err:
+        again = shlex.join(["hfx", "demo", *sys.argv[2:]]) if sys.argv[1:2] == ["demo"] else "hfx demo (the same options)"
+        print(f"hfx demo: {err}; run `{again}` again to continue", file=sys.stderr)
+        return 128 + err.signal
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     out = result.output_dir
     timing = ", ".join(f"{k} {v:.1f} min" for k, v in result.minutes.items())
     print(f"\nClass-conditional diffusion on the digits, guided by classifier-free guidance "

@@ -62,17 +62,40 @@ class DemoResult:
         return next(s for s in self.scores if s.guidance_scale == guidance_scale and s.variant == variant)
 
 
+class DemoInterrupted(RuntimeError):
+    """A signal stopped the demo; ``signal`` is its number. Running the demo again continues it."""
+
+    def __init__(self, signum: int, where: str):
+        super().__init__(f"stopped by signal {signum} {where}")
+        self.signal = signum
+
+
 def _train(recipe: str, overrides: list[str]):
-    """One engine run in this process. The accelerate state is a process-wide singleton: reset it so
-    each run gets its own configuration."""
+    """One engine run in this process, continued from its newest checkpoint when an earlier demo with the same
+    settings was interrupted, left as it is when it finished, started over when the settings changed. The
+    accelerate state is a process-wide singleton: reset it so each run gets its own configuration.
+
+    Raises:
+        DemoInterrupted: a signal stopped the run (after a checkpoint).
+    """
+    import yaml
     from accelerate.state import AcceleratorState, GradientState
 
     from hfx.hub import HubCallback
-    from hfx.trainers import train
+    from hfx.trainers import load_config, train
+    from hfx.trainers.config import config_changes, to_dict
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    return train(recipe, overrides, callbacks=[HubCallback()])
+    config = load_config(recipe, [*overrides, "resume_from_checkpoint=latest", "overwrite_output_dir=true"])
+    saved = Path(config.output_dir) / "config.yaml"
+    if saved.is_file() and config_changes(yaml.safe_load(saved.read_text()) or {}, to_dict(config)):
+        logger.info("%s: the settings changed since the last demo, training %s again", config.output_dir, recipe)
+        config = load_config(recipe, [*overrides, "overwrite_output_dir=true"])
+    result = train(config, callbacks=[HubCallback()])
+    if result.stop_reason == "signal":
+        raise DemoInterrupted(result.signal, f"at step {result.global_step} of {recipe} (checkpoint saved)")
+    return result
 
 
 def _evaluator_extractor(folder: Path):
@@ -115,13 +138,11 @@ def run_demo(output_dir: str | Path = "outputs/demo", *, per_class: int = 30, nu
     minutes: dict[str, float] = {}
 
     start = time.perf_counter()
-    evaluator_run = _train("classify-digits", [f"output_dir={out / 'evaluator'}", "overwrite_output_dir=true",
-                                               *evaluator_overrides])
+    evaluator_run = _train("classify-digits", [f"output_dir={out / 'evaluator'}", *evaluator_overrides])
     minutes["evaluator training"] = (time.perf_counter() - start) / 60
 
     start = time.perf_counter()
-    diffusion_run = _train("ddpm-digits", [f"output_dir={out / 'diffusion'}", "overwrite_output_dir=true",
-                                           *diffusion_overrides])
+    diffusion_run = _train("ddpm-digits", [f"output_dir={out / 'diffusion'}", *diffusion_overrides])
     minutes["diffusion training"] = (time.perf_counter() - start) / 60
     pipeline_dir = out / "pipeline"
     if pipeline_dir.exists():
