@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,7 +16,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import hfx
 from hfx.peft import (
@@ -99,18 +101,52 @@ def test_registration_is_idempotent_and_config_round_trips(tmp_path):
 
     config = ReLoraConfig(r=16, relora_steps=700, prune_method="random", prune_ratio=0.99, target_modules=["q_proj"])
     config.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "RELORA"
-    loaded = peft.PeftConfig.from_pretrained(tmp_path)
-    assert type(loaded) is ReLoraConfig
-    assert (loaded.r, loaded.relora_steps, loaded.prune_method, loaded.prune_ratio) == (16, 700, "random", 0.99)
+    # saved as a sentence: a process without hfx shows it in peft's KeyError (see the fresh-process test)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "RELORA (a PEFT method of the hfx package: install hfx, then import hfx before loading)"
+    assert config.peft_type is hfx.peft.HfxPeftType.RELORA  # in memory the type keeps its name
+    # hfx 0.1 saved the bare name: such folders still load
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "adapter_config.json").write_text(json.dumps({**saved, "peft_type": "RELORA"}))
+    for folder in (tmp_path, legacy):
+        loaded = peft.PeftConfig.from_pretrained(folder)
+        assert type(loaded) is ReLoraConfig and loaded.peft_type is hfx.peft.HfxPeftType.RELORA
+        assert (loaded.r, loaded.relora_steps, loaded.prune_method, loaded.prune_ratio) == (16, 700, "random", 0.99)
+    # code that lists peft's methods by their names sees ReLoRA once
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    names = [str(getattr(key, "value", key)) for key, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items() if cls is ReLoraConfig]
+    assert set(names) == {"RELORA"}
+
+
+NAN, INF = float("nan"), float("inf")
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
-    [("relora_steps", 0), ("prune_method", "l1"), ("prune_ratio", 1.5), ("restart_warmup_steps", 1000), ("use_dora", True)],
+    ("field", "value", "error"),
+    [
+        ("relora_steps", 0, ValueError), ("relora_steps", -5, ValueError), ("relora_steps", 2.5, TypeError),
+        ("relora_steps", "1000", TypeError), ("relora_steps", True, TypeError), ("relora_steps", None, TypeError),
+        ("restart_warmup_steps", 1000, ValueError), ("restart_warmup_steps", -1, ValueError),
+        ("restart_warmup_steps", NAN, TypeError), ("warmup_steps", -1, ValueError),
+        ("full_rank_warmup_steps", -1, ValueError), ("full_rank_warmup_steps", 1.5, TypeError),
+        ("restart_seed", 0.5, TypeError),
+        ("min_lr_ratio", NAN, ValueError), ("min_lr_ratio", -0.1, ValueError), ("min_lr_ratio", 1.5, ValueError),
+        ("min_lr_ratio", "0.1", TypeError),
+        ("prune_method", "l1", ValueError), ("prune_method", None, ValueError),
+        ("prune_ratio", 1.5, ValueError), ("prune_ratio", 0.0, ValueError), ("prune_ratio", NAN, ValueError),
+        ("prune_ratio", INF, ValueError), ("prune_ratio", "0.9", TypeError),
+        ("r", 0, ValueError), ("r", 4.0, TypeError), ("lora_alpha", NAN, ValueError), ("lora_alpha", INF, ValueError),
+        ("lora_alpha", 0, ValueError), ("lora_alpha", -8, ValueError), ("lora_dropout", 1.0, ValueError),
+        ("lora_dropout", NAN, ValueError),
+        ("rank_pattern", {"q_proj": 0}, ValueError), ("alpha_pattern", {"q_proj": NAN}, ValueError),
+        ("alpha_pattern", [8], TypeError),
+        ("use_dora", True, ValueError),
+    ],
 )
-def test_config_rejects_bad_values_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+def test_config_rejects_bad_values_naming_the_field(field, value, error):
+    with pytest.raises(error, match=rf"ReLoraConfig\.{field}\b"):
         ReLoraConfig(**{"relora_steps": 1000, field: value})
 
 
@@ -166,6 +202,34 @@ def test_lambda_lr_factory_puts_the_lr_at_zero_on_restart_steps():
         14, num_training_steps=40, warmup_steps=3, relora_steps=10, restart_warmup_steps=4))
     # its multiplier is saved with the scheduler state, so a resumed scheduler keeps the schedule
     assert scheduler.state_dict()["lr_lambdas"][0]["relora_steps"] == 10
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"num_training_steps": 0}, ValueError, "num_training_steps=0 must be >= 1"),
+        ({"num_training_steps": NAN}, TypeError, "num_training_steps=nan must be an integer"),
+        ({"relora_steps": 2.5}, TypeError, "relora_steps=2.5 must be an integer"),
+        ({"warmup_steps": -1}, ValueError, "warmup_steps=-1 must be >= 0"),
+        ({"restart_warmup_steps": 10}, ValueError, r"restart_warmup_steps \(10\) must be >= 0 and < relora_steps \(10\)"),
+        ({"min_lr_ratio": NAN}, ValueError, r"min_lr_ratio=nan must be in \[0, 1\]"),
+        ({"min_lr_ratio": 2}, ValueError, r"min_lr_ratio=2.0 must be in \[0, 1\]"),
+        ({"first_restart_offset": -3}, ValueError, "first_restart_offset=-3 must be >= 0"),
+        ({"last_epoch": "0"}, TypeError, "last_epoch='0' must be an integer"),
+    ],
+)
+def test_schedule_refuses_bad_arguments_naming_them(kwargs, error, message):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    arguments = dict(num_training_steps=40, relora_steps=10, restart_warmup_steps=4) | kwargs
+    with pytest.raises(error, match=message):
+        get_jagged_cosine_schedule(optimizer, **arguments)
+    if "last_epoch" not in kwargs:  # the pure function checks the same arguments
+        with pytest.raises(error, match=message):
+            jagged_cosine_multiplier(5, **{"warmup_steps": 0, **arguments})
+    with pytest.raises(ValueError, match="relora_steps=0 must be >= 1"):
+        is_restart_step(10, relora_steps=0)
+    with pytest.raises(TypeError, match="config must be a ReLoraConfig, got LoraConfig"):
+        get_relora_schedule(optimizer, num_training_steps=40, config=peft.LoraConfig())
 
 
 # ---------------------------------------------------------------- the restart
@@ -227,8 +291,6 @@ def test_prune_optimizer_state_works_on_any_optimizer_and_only_on_the_given_para
     assert (zeroed, total) == (100, 400)
     assert torch.count_nonzero(optimizer.state[pruned]["momentum_buffer"]) == 300
     assert torch.count_nonzero(optimizer.state[kept]["momentum_buffer"]) == 400
-    with pytest.raises(ValueError, match="'l2'"):
-        prune_optimizer_state(optimizer, [pruned], method="l2")
 
 
 def test_random_restart_is_reproducible_from_the_step():
@@ -242,16 +304,127 @@ def test_random_restart_is_reproducible_from_the_step():
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-def test_restart_fails_loudly_when_it_would_prune_nothing():
+def _snapshot(model, optimizer) -> dict[str, torch.Tensor]:
+    """Every model tensor and every optimizer-state tensor, cloned."""
+    tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    for i, state in enumerate(optimizer.state.values()):
+        tensors |= {f"optim.{i}.{k}": v.clone() for k, v in state.items() if torch.is_tensor(v)}
+    return tensors
+
+
+def _assert_unchanged(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+    assert before.keys() == after.keys()
+    changed = [k for k in before if before[k].shape != after[k].shape
+               or not torch.allclose(before[k], after[k], rtol=0, atol=0, equal_nan=True)]
+    assert not changed, f"changed: {changed[:5]}"
+
+
+@pytest.mark.parametrize("optimizer_kind", ["sgd", "adamw before its first step"])
+def test_restart_with_a_stateless_optimizer_merges_and_leaves_the_optimizer_untouched(optimizer_kind):
+    """SGD without momentum (also what Trainer(optim="sgd") builds) keeps no per-entry state: the restart merges
+    and re-initialises, pruning has nothing to do, the model computes the same, the optimizer is untouched."""
     model = relora_model()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    with pytest.raises(RuntimeError, match="pruned no optimizer state"):
-        relora_restart(model, optimizer, step=5)  # no step yet: Adam holds no state
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer_kind == "sgd":
+        optimizer = torch.optim.SGD(params, lr=0.5)
+        for batch in token_batches(3):
+            model(input_ids=batch, labels=batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+    assert not optimizer.state  # the premise: no per-entry state at all
+    batch = token_batches(1, seed=1)[0]
+    before = logits_of(model, batch)
+    optimizer_before = copy.deepcopy(optimizer.state_dict())
+    layers = [m for m in model.modules() if isinstance(m, ReLoraLinear)]
+
+    stats = relora_restart(model, optimizer, step=3)
+
+    assert (stats.layers, stats.pruned_entries, stats.state_entries) == (len(layers), 0, 0)
+    assert (logits_of(model, batch) - before).abs().max() < 1e-5
+    assert all(m.num_restarts("default") == 1 and not m.lora_B["default"].weight.any() for m in layers)
+    assert optimizer.state_dict() == optimizer_before
+    if optimizer_kind == "sgd":  # the merged update is really in the history (B was trained)
+        assert all(m.relora_history_B["default"].abs().max() > 0 for m in layers)
+
+
+def _break_nothing_cases():
+    def merged(model, optimizer):
+        layer = [m for m in model.modules() if isinstance(m, ReLoraLinear)][-1]  # the last one: the others first
+        layer.merge(adapter_names=["default"])
+        return {}, RuntimeError, "merged"
+
+    def diverged(model, optimizer):
+        layer = [m for m in model.modules() if isinstance(m, ReLoraLinear)][-1]
+        layer.lora_B["default"].weight.data[0, 0] = float("nan")
+        return {}, RuntimeError, r"layers\.1\.mlp\.down_proj.*NaN"
+
+    def ratio_rounds_to_zero(model, optimizer):
+        return {"prune_ratio": 1e-6}, ValueError, "prune_ratio=1e-06 rounds to zero entries"
+
+    def bad_ratio(model, optimizer):
+        return {"prune_ratio": float("nan")}, ValueError, r"prune_ratio=nan must be in \[0, 1\]"
+
+    def bad_method(model, optimizer):
+        return {"prune_method": "l2"}, ValueError, "prune_method='l2' must be one of 'reset', 'random', 'magnitude'"
+
+    def bad_step(model, optimizer):
+        return {"step": -1}, ValueError, "step=-1 must be >= 0"
+
+    def float_step(model, optimizer):
+        return {"step": 4.0}, TypeError, "step=4.0 must be an integer"
+
+    return [merged, diverged, ratio_rounds_to_zero, bad_ratio, bad_method, bad_step, float_step]
+
+
+@pytest.mark.parametrize("case", _break_nothing_cases(), ids=lambda f: f.__name__)
+def test_a_refused_restart_changes_nothing_and_names_the_problem(case):
+    model, optimizer, _ = _trained_for_restart("random")
+    overrides, error, message = case(model, optimizer)
+    before = _snapshot(model, optimizer)
+    with pytest.raises(error, match=message):
+        relora_restart(model, optimizer, **{"step": 4, **overrides})
+    _assert_unchanged(before, _snapshot(model, optimizer))
+
+
+def test_callback_and_export_name_a_bad_adapter(tmp_path):
+    with pytest.raises(TypeError, match=r"ReLoraCallback\(adapter_name=3\) must be an adapter name"):
+        ReLoraCallback(adapter_name=3)
+    with pytest.raises(ValueError, match=r"no ReLoRA adapter 'other' \(it has \['default'\]\)"):
+        relora_model().base_model.export_as_lora(tmp_path, adapter_name="other")
+    assert not any(tmp_path.iterdir())
+
+
+def test_restart_refuses_an_unrelated_optimizer_or_model():
+    model = relora_model()
     unrelated = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
     with pytest.raises(RuntimeError, match="holds none of the ReLoRA parameters"):
         relora_restart(model, unrelated, step=5)
     with pytest.raises(ValueError, match="no ReLoRA adapter"):
-        relora_restart(tiny_llama(), optimizer, step=5)
+        relora_restart(tiny_llama(), unrelated, step=5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"ratio": float("nan")}, ValueError, r"prune_ratio=nan must be in \[0, 1\]"),
+        ({"ratio": -0.1}, ValueError, r"prune_ratio=-0.1 must be in \[0, 1\]"),
+        ({"ratio": 1.5}, ValueError, r"prune_ratio=1.5 must be in \[0, 1\]"),
+        ({"ratio": "0.5"}, TypeError, "prune_ratio='0.5' must be a number"),
+        ({"generator": 0}, TypeError, "generator=0 must be a torch.Generator"),
+        ({"method": "l2"}, ValueError, "prune_method='l2' must be one of"),
+    ],
+)
+def test_prune_optimizer_state_refuses_bad_arguments_and_changes_nothing(kwargs, error, message):
+    param = torch.nn.Parameter(torch.ones(40, 10))
+    optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+    param.sum().backward()
+    optimizer.step()
+    before = optimizer.state[param]["momentum_buffer"].clone()
+    with pytest.raises(error, match=message):
+        prune_optimizer_state(optimizer, [param], **{"method": "random", **kwargs})
+    assert torch.equal(optimizer.state[param]["momentum_buffer"], before)
 
 
 def test_one_mask_per_tensor_keeps_the_first_step_after_a_restart_bounded():
@@ -348,6 +521,8 @@ def runs(tmp_path_factory):
     trainer.save_model(str(root / "trainer-final"))
     expected["trainer"] = logits_of(trainer_model, batch)
     save_file({k: v.contiguous() for k, v in expected.items()} | {"batch": batch}, root / "expected.safetensors")
+    peft.get_peft_model(tiny_llama(), hfx.peft.BottleneckAdapterConfig(bottleneck_size=4)).save_pretrained(
+        root / "bottleneck")
     return {"root": root, "model": model, "trainer": trainer, "callback": callback, "batch": batch, "data": data,
             "expected": expected, "args": args}
 
@@ -364,13 +539,50 @@ def test_trainer_callback_restarts_on_schedule_with_zero_lr(runs):
     assert layer.num_restarts("default") == 2
 
 
+class _LogitsProbe(TrainerCallback):
+    """Records the model's logits on one batch at the end of every step (where it sits among the callbacks
+    decides whether that is before or after ReLoraCallback's restart)."""
+
+    def __init__(self, batch: torch.Tensor):
+        self.batch, self.logits = batch, {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.logits[state.global_step] = logits_of(model, self.batch)
+
+
+def test_trainer_with_plain_sgd_restarts_and_keeps_the_model_function(tmp_path):
+    """Trainer(optim="sgd") builds SGD without momentum: no optimizer state to prune, the restarts still happen
+    and leave the function of the model unchanged."""
+    batch = token_batches(1, seed=4)[0]
+    model = relora_model(relora_steps=3, restart_warmup_steps=1, warmup_steps=1)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=7, per_device_train_batch_size=4, learning_rate=0.5, optim="sgd",
+        save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+    )
+    data = [{"input_ids": b[0], "labels": b[0]} for b in token_batches(28, batch=1)]
+    before, relora, after = _LogitsProbe(batch), ReLoraCallback(), type("AfterProbe", (_LogitsProbe,), {})(batch)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[before, relora, after])
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    assert type(optimizer) is torch.optim.SGD and optimizer.defaults["momentum"] == 0 and not optimizer.state
+    assert [(s.step, s.pruned_entries, s.state_entries) for s in relora.restarts] == [(3, 0, 0), (6, 0, 0)]
+    layer = next(m for m in model.modules() if isinstance(m, ReLoraLinear))
+    assert layer.num_restarts("default") == 2 and layer.relora_history_B["default"].abs().max() > 0
+    for step in (3, 6):
+        assert (after.logits[step] - before.logits[step]).abs().max() < 1e-5
+    assert torch.equal(before.logits[4], after.logits[3])  # LR 0 for the step right after a restart
+    assert (before.logits[5] - before.logits[4]).abs().max() > 1e-4  # and training goes on
+
+
 def test_fresh_process_reproduces_trained_models_and_export_loads_without_hfx(runs):
-    """One subprocess (interpreter start-up is the cost): first plain peft with `import hfx` blocked loads the
-    exported LoRA; then `import hfx` and PeftModel.from_pretrained of the ReLoRA adapters, and merge_and_unload."""
+    """One subprocess (interpreter start-up is the cost). First plain peft with `import hfx` blocked, as for a
+    user without hfx: it loads the exported LoRA, and loading a ReLoRA or bottleneck adapter fails with peft's
+    KeyError, whose text (the saved peft_type) says to install and import hfx. Then `import hfx` and
+    PeftModel.from_pretrained of the ReLoRA adapters, and merge_and_unload."""
     root = runs["root"]
     script = textwrap.dedent(
         f"""
-        import importlib.abc, sys, torch
+        import importlib.abc, json, sys, torch
         torch.set_num_threads(1)
 
         class BlockHfx(importlib.abc.MetaPathFinder):
@@ -387,6 +599,7 @@ def test_fresh_process_reproduces_trained_models_and_export_loads_without_hfx(ru
         root = {str(root)!r}
         expected = load_file(root + "/expected.safetensors")
         batch = expected["batch"]
+        out = {{}}
 
         def logits(model):
             model.eval()
@@ -398,27 +611,50 @@ def test_fresh_process_reproduces_trained_models_and_export_loads_without_hfx(ru
 
         lora = peft.PeftModel.from_pretrained(base(), root + "/manual-lora")
         assert type(lora.peft_config["default"]) is peft.LoraConfig
+        out["export"] = (logits(lora) - expected["manual"]).abs().max().item()
+        for folder in ("manual", "bottleneck"):
+            for load in (lambda: peft.PeftModel.from_pretrained(base(), root + "/" + folder),
+                         lambda: peft.PeftConfig.from_pretrained(root + "/" + folder)):
+                try:
+                    load()
+                    out["no-hfx-" + folder] = "loaded"
+                except KeyError as err:  # what the user sees is the traceback's last line
+                    out["no-hfx-" + folder] = "KeyError: " + str(err)
         assert "hfx" not in sys.modules
-        print("export", (logits(lora) - expected["manual"]).abs().max().item())
 
         sys.meta_path.remove(blocker)
         import hfx  # noqa: F401
         for name, folder in (("manual", "manual"), ("trainer", "trainer-final")):
             model = peft.PeftModel.from_pretrained(base(), root + "/" + folder)
-            print(name, (logits(model) - expected[name]).abs().max().item())
+            out[name] = (logits(model) - expected[name]).abs().max().item()
             merged = model.merge_and_unload()
             assert type(merged) is LlamaForCausalLM, type(merged)
-            print(name + "-merged", (logits(merged) - expected[name]).abs().max().item())
+            out[name + "-merged"] = (logits(merged) - expected[name]).abs().max().item()
+        print(json.dumps(out))
         """
     )
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(hfx.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo_root, os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    diffs = dict(line.split() for line in result.stdout.strip().splitlines())
-    assert set(diffs) == {"export", "manual", "manual-merged", "trainer", "trainer-merged"}
-    for name, diff in diffs.items():
-        assert float(diff) < 1e-5, f"{name}: max logit difference {diff}"
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    hint = "(a PEFT method of the hfx package: install hfx, then import hfx before loading)"
+    assert out.pop("no-hfx-manual") == f"KeyError: 'RELORA {hint}'"
+    assert out.pop("no-hfx-bottleneck") == f"KeyError: 'BOTTLENECK_ADAPTER {hint}'"
+    assert set(out) == {"export", "manual", "manual-merged", "trainer", "trainer-merged"}
+    for name, diff in out.items():
+        assert diff < 1e-5, f"{name}: max logit difference {diff}"
+
+
+def test_adapters_saved_with_the_bare_peft_type_still_load(runs, tmp_path):
+    """hfx 0.1 wrote "peft_type": "RELORA"; such folders load as before."""
+    legacy = tmp_path / "legacy"
+    shutil.copytree(runs["root"] / "manual", legacy)
+    config = json.loads((legacy / "adapter_config.json").read_text())
+    (legacy / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "RELORA"}))
+    model = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(runs["root"] / "base"), legacy)
+    assert type(model.peft_config["default"]) is ReLoraConfig
+    assert (logits_of(model, runs["batch"]) - runs["expected"]["manual"]).abs().max() < 1e-5
 
 
 def test_saved_adapter_holds_the_history_and_export_has_rank_k_plus_one_times_r(runs):
@@ -464,6 +700,119 @@ def test_trainer_resume_from_checkpoint_reproduces_the_uninterrupted_run(runs):
     trainer.train(resume_from_checkpoint=str(root / "trainer" / "checkpoint-6"))
     diff = (logits_of(resumed_model, runs["batch"]) - runs["expected"]["trainer"]).abs().max()
     assert diff < 1e-5
+
+
+# ---------------------------------------------------------------- peft's adapter calls: what the adapter is
+
+
+def _trained_or_loaded(runs, how: str):
+    """The manual run's model (3 restarts, lm_head in modules_to_save): as trained in this process (a copy), or
+    loaded onto the original base from its saved adapter. Also the original base (W_0) for comparison."""
+    original = LlamaForCausalLM.from_pretrained(runs["root"] / "base").eval()
+    if how == "trained":
+        return copy.deepcopy(runs["model"]), original
+    base = LlamaForCausalLM.from_pretrained(runs["root"] / "base")
+    return peft.PeftModel.from_pretrained(base, runs["root"] / "manual"), original
+
+
+def _base_weights(model) -> dict[str, torch.Tensor]:
+    return {name: m.get_base_layer().weight for name, m in model.named_modules() if isinstance(m, ReLoraLinear)}
+
+
+def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("how", ["trained", "loaded"])
+def test_disable_adapter_computes_the_original_base_and_changes_no_weight(runs, how):
+    model, original = _trained_or_loaded(runs, how)
+    batch = runs["batch"]
+    trained = logits_of(model, batch)
+    assert (trained - runs["expected"]["manual"]).abs().max() < 1e-5
+    base = logits_of(original, batch)
+    assert (trained - base).abs().max() > 0.1  # the premise: the adapter (history included) matters
+    weights = {k: w.detach().clone() for k, w in _base_weights(model).items()}
+
+    with model.disable_adapter():
+        disabled = logits_of(model, batch)
+    assert (disabled - base).abs().max() < 1e-5
+    # leaving the context gives back the very same weights and outputs, bit for bit
+    assert all(torch.equal(w, weights[k]) for k, w in _base_weights(model).items())
+    assert torch.equal(logits_of(model, batch), trained)
+
+    # a mixed batch: rows asking for "__base__" get the original base, the others the adapter
+    names = ["__base__", "default"] * (batch.shape[0] // 2)
+    with torch.no_grad():
+        mixed = model.eval()(input_ids=batch, adapter_names=names).logits
+    assert (mixed[0::2] - base[0::2]).abs().max() < 1e-5
+    assert (mixed[1::2] - trained[1::2]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("how", ["trained", "loaded"])
+def test_merge_and_unload_returns_the_trained_model_and_unload_the_original_base(runs, how):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model, original = _trained_or_loaded(runs, how)
+    batch = runs["batch"]
+    trained = logits_of(model, batch)
+    trained_head = model.base_model.model.lm_head.modules_to_save["default"].weight.detach().clone()
+
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert type(merged) is LlamaForCausalLM
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+    assert (logits_of(merged, batch) - trained).abs().max() < 1e-5
+
+    unloaded = model.unload()
+    assert type(unloaded) is LlamaForCausalLM
+    assert not any(isinstance(m, BaseTunerLayer) for m in unloaded.modules())
+    # W_0 everywhere (up to the rounding of subtracting the history), except what modules_to_save trained: peft's
+    # unload keeps those trained copies, for ReLoRA as for LoRA
+    state, reference = unloaded.state_dict(), original.state_dict()
+    assert torch.equal(state.pop("lm_head.weight"), trained_head)
+    reference.pop("lm_head.weight")
+    assert _max_difference(state, reference) < 1e-6
+    original.lm_head.weight.data.copy_(trained_head)
+    assert (logits_of(unloaded, batch) - logits_of(original, batch)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("how", ["trained", "loaded"])
+def test_delete_adapter_takes_its_merged_history_out_of_the_base(runs, how):
+    model, original = _trained_or_loaded(runs, how)
+    reference = {name: original.get_submodule(name.removeprefix("base_model.model.")).weight
+                 for name in _base_weights(model)}
+    assert _max_difference(_base_weights(model), reference) > 1e-3  # the premise: the history is in the base
+    assert model.delete_adapter("default") is None
+    assert model.peft_config == {}
+    inner = model.base_model.model  # peft's PeftModel cannot run without an adapter (for LoRA too)
+    assert _max_difference(_base_weights(model), reference) < 1e-6
+    assert (logits_of(inner, runs["batch"]) - logits_of(original, runs["batch"])).abs().max() < 1e-5
+
+
+def test_loading_a_bad_history_fails_before_changing_the_base(runs, tmp_path):
+    """The base weights are only changed once every saved history has been checked (the last layer is broken, so
+    a loader that replays layer by layer would already have rewritten all the others)."""
+    key = "base_model.model.model.layers.1.mlp.down_proj.relora_history_A"
+    breaks = {
+        "nan": (lambda t: t.index_fill(1, torch.tensor([0]), float("nan")), "NaN or infinite"),
+        "rows": (lambda t: t[:-1], r"does not fit this layer: expected \(k\*4, 64\)"),
+        "half": (None, r"lacks '[\w.]*down_proj\.relora_history_A\.default' \(it has the other history tensor\)"),
+    }
+    for kind, (corrupt, message) in breaks.items():
+        folder = tmp_path / kind
+        shutil.copytree(runs["root"] / "manual", folder)
+        tensors = load_file(folder / "adapter_model.safetensors")
+        if corrupt is None:
+            del tensors[key]
+        else:
+            tensors[key] = corrupt(tensors[key]).contiguous()
+        save_file(tensors, folder / "adapter_model.safetensors")
+        base = LlamaForCausalLM.from_pretrained(runs["root"] / "base")
+        before = {k: v.detach().clone() for k, v in base.state_dict().items()}
+        parameters = dict(base.named_parameters())
+        with pytest.raises(ValueError, match=rf"[\w.]*model\.layers\.1\.mlp\.down_proj.*{message}"):
+            peft.PeftModel.from_pretrained(base, folder)
+        assert all(torch.equal(parameters[k], v) for k, v in before.items() if k in parameters)
 
 
 # ---------------------------------------------------------------- DDP

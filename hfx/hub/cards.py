@@ -372,7 +372,7 @@ def _type_name(output: Output) -> str:
     if output.kind == "pipeline":
         return config["_class_name"]
     if output.kind == "adapter":
-        return str(config.get("peft_type", "adapter")).lower()
+        return str(config.get("peft_type", "adapter")).split(" (", 1)[0].lower()  # hfx types carry a sentence
     return config.get("model_type") or config.get("architecture") or "model"
 
 

@@ -3,6 +3,8 @@ bottleneck adapters (Houlsby).
 
 Importing this package (``import hfx`` does) registers the methods with peft, so ``get_peft_model``,
 ``PeftConfig.from_pretrained`` and ``PeftModel.from_pretrained`` know them. Registration is idempotent.
+Saved adapters spell their type as a sentence that tells a process without hfx to install and import it (the
+text of peft's ``KeyError`` there); see :mod:`hfx.peft._registration`.
 """
 
 from hfx.peft._registration import HfxPeftType, register_peft_method
@@ -20,6 +22,7 @@ from hfx.peft.relora import (
     prune_optimizer_state,
     relora_config_of,
     relora_layers,
+    relora_multiplier,
     relora_restart,
 )
 
@@ -38,6 +41,7 @@ __all__ = [
     "ReLoraRestartStats",
     "get_jagged_cosine_schedule",
     "get_relora_schedule",
+    "relora_multiplier",
     "is_restart_step",
     "jagged_cosine_multiplier",
     "prune_optimizer_state",

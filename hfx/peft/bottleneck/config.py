@@ -6,18 +6,21 @@ from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
-from hfx.peft._registration import HfxPeftType
+from hfx.peft._registration import HfxPeftConfigMixin, HfxPeftType
+from hfx.peft._validation import check_choice, check_int, check_module_names, check_real
 
 NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
 
 
 @dataclass
-class BottleneckAdapterConfig(PeftConfig):
+class BottleneckAdapterConfig(HfxPeftConfigMixin, PeftConfig):
     """Adds, after each targeted sublayer, a bottleneck adapter applied to that sublayer's output ``h``:
     ``h + up(non_linearity(down(h)))``, where ``down`` projects to ``bottleneck_size`` features and ``up``
     back. Houlsby et al. place one after the attention output projection and one after the feed-forward
-    output, before the residual additions; the default targets do exactly that for the model types in
-    ``DEFAULT_TARGET_MODULES`` (``o_proj`` and ``down_proj`` for Llama-like models).
+    output, before the residual additions; the default targets do exactly that, in every layer, for the model
+    types in ``hfx.peft.bottleneck.model.DEFAULT_TARGET_MODULES`` (``o_proj`` and ``down_proj`` for Llama-like
+    models, ``attention.output.dense`` and the layer's ``output.dense`` for BERT and RoBERTa, ``attention.o_proj``
+    and ``mlp.fc2`` for ViT, ...). Other model types need ``target_modules``.
 
     Both projections start near zero (normal with std ``init_std``, zero biases), so the adapted model starts
     near the identity of the pretrained one. Adapters are nonlinear, hence cannot be merged into the base
@@ -25,7 +28,8 @@ class BottleneckAdapterConfig(PeftConfig):
 
     Args:
         target_modules: names (or a regex) of the sublayers followed by an adapter; linear layers
-            (``torch.nn.Linear``, transformers ``Conv1D``). Default: per model type, see above.
+            (``torch.nn.Linear``, transformers ``Conv1D``). A string is a regex matched against the whole module
+            name; a list holds names or name suffixes (as in peft). Default: per model type, see above.
         bottleneck_size: width of the bottleneck (the paper uses 8 to 256).
         non_linearity: one of ``relu``, ``gelu``, ``silu``, ``tanh``.
         init_std: standard deviation of the initial projection weights (the paper: 1e-2).
@@ -48,19 +52,18 @@ class BottleneckAdapterConfig(PeftConfig):
     )
 
     def __post_init__(self):
+        where = "BottleneckAdapterConfig."
+        self.bottleneck_size = check_int(where + "bottleneck_size", self.bottleneck_size, minimum=1)
+        self.non_linearity = check_choice(where + "non_linearity", self.non_linearity, NON_LINEARITIES)
+        self.init_std = check_real(where + "init_std", self.init_std, low=0.0)
+        self.adapter_dropout = check_real(where + "adapter_dropout", self.adapter_dropout, low=0.0, high=1.0,
+                                          high_open=True)
+        check_module_names(where + "target_modules", self.target_modules)
+        check_module_names(where + "exclude_modules", self.exclude_modules)
+        check_module_names(where + "modules_to_save", self.modules_to_save, allow_regex=False)
         super().__post_init__()
         self.peft_type = HfxPeftType.BOTTLENECK_ADAPTER
-        if isinstance(self.target_modules, list):
+        if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
+        if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
-        if self.bottleneck_size <= 0:
-            raise ValueError(f"BottleneckAdapterConfig.bottleneck_size={self.bottleneck_size} must be > 0")
-        if self.non_linearity not in NON_LINEARITIES:
-            raise ValueError(
-                f"BottleneckAdapterConfig.non_linearity={self.non_linearity!r} must be one of {NON_LINEARITIES}"
-            )
-        if self.init_std < 0:
-            raise ValueError(f"BottleneckAdapterConfig.init_std={self.init_std} must be >= 0")
-        if not 0.0 <= self.adapter_dropout < 1.0:
-            raise ValueError(f"BottleneckAdapterConfig.adapter_dropout={self.adapter_dropout} must lie in [0, 1)")

@@ -7,16 +7,20 @@ from peft.tuners.tuners_utils import BaseTuner
 from hfx.peft.bottleneck.layer import BottleneckAdapterLayer
 
 # Houlsby et al.: one adapter after the attention output projection and one after the feed-forward output,
-# both before the residual addition; these are those sublayers' names per transformers model type.
+# both before the residual addition; these are those sublayers' names per transformers (5.x) model type. A
+# list holds module-name suffixes (peft matches ``name == t or name.endswith("." + t)``); a string is a regex
+# matched against the whole name. BERT-like models need one: no suffix without the layer index tells the
+# feed-forward output ("layer.3.output.dense") from the attention output ("layer.3.attention.output.dense").
 _LLAMA_LIKE = ["o_proj", "down_proj"]
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+_BERT_LIKE = r"(.*\.)?layer\.\d+\.(attention\.)?output\.dense"
+DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
     **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi3"], _LLAMA_LIKE),
     "gpt2": ["attn.c_proj", "mlp.c_proj"],
     "gpt_neox": ["attention.dense", "mlp.dense_4h_to_h"],
     "opt": ["self_attn.out_proj", "fc2"],
-    "bert": ["attention.output.dense", r"layer.\d+.output.dense"],
-    "roberta": ["attention.output.dense", r"layer.\d+.output.dense"],
-    "vit": ["attention.output.dense", r"layer.\d+.output.dense"],
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "vit": ["attention.o_proj", "mlp.fc2"],
 }
 
 
@@ -31,6 +35,15 @@ class BottleneckAdapterModel(BaseTuner):
     prefix: str = "bottleneck_"
     tuner_layer_cls = BottleneckAdapterLayer
     target_module_mapping = DEFAULT_TARGET_MODULES
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        if peft_config.target_modules is None and model_config.get("model_type") not in self.target_module_mapping:
+            raise ValueError(
+                f"BottleneckAdapterConfig.target_modules is unset and model type {model_config.get('model_type')!r} "
+                f"has no default (defaults exist for {', '.join(sorted(self.target_module_mapping))}): set "
+                "target_modules to the attention output and feed-forward output projections"
+            )
+        return super()._prepare_adapter_config(peft_config, model_config)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
         if isinstance(target, BottleneckAdapterLayer):

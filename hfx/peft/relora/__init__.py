@@ -16,6 +16,7 @@ from hfx.peft.relora.schedule import (
     get_relora_schedule,
     is_restart_step,
     jagged_cosine_multiplier,
+    relora_multiplier,
 )
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "ReLoraRestartStats",
     "get_jagged_cosine_schedule",
     "get_relora_schedule",
+    "relora_multiplier",
     "is_restart_step",
     "jagged_cosine_multiplier",
     "prune_optimizer_state",

@@ -9,7 +9,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
 
 from hfx.peft.relora.restart import ReLoraRestartStats, relora_config_of, relora_restart
-from hfx.peft.relora.schedule import JaggedCosineMultiplier, is_restart_step
+from hfx.peft.relora.schedule import JaggedCosineMultiplier, is_restart_step, relora_multiplier
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +26,16 @@ class ReLoraCallback(TrainerCallback):
       :func:`hfx.peft.relora_restart` with the Trainer's optimizer, before the Trainer saves a checkpoint of
       that step, so checkpoints hold the merged history and resume exactly.
 
-    Restarts are recorded in ``self.restarts`` (:class:`ReLoraRestartStats`) and logged.
+    Restarts are recorded in ``self.restarts`` (:class:`ReLoraRestartStats`) and logged. Any optimizer works,
+    also one without per-entry state (``optim="sgd"``: a restart then merges and re-initialises only).
 
     Args:
         adapter_name: the ReLoRA adapter (default: the model's active adapter).
     """
 
     def __init__(self, adapter_name: str | None = None):
+        if adapter_name is not None and not isinstance(adapter_name, str):
+            raise TypeError(f"ReLoraCallback(adapter_name={adapter_name!r}) must be an adapter name (str) or None")
         self.adapter_name = adapter_name
         self.restarts: list[ReLoraRestartStats] = []
 
@@ -50,14 +53,7 @@ class ReLoraCallback(TrainerCallback):
             )
         if all(isinstance(f, JaggedCosineMultiplier) for f in lr_scheduler.lr_lambdas):
             return
-        multiplier = JaggedCosineMultiplier(
-            num_training_steps=state.max_steps,
-            warmup_steps=config.warmup_steps,
-            relora_steps=config.relora_steps,
-            restart_warmup_steps=config.restart_warmup_steps,
-            min_lr_ratio=config.min_lr_ratio,
-            first_restart_offset=0,
-        )
+        multiplier = relora_multiplier(config, num_training_steps=state.max_steps)  # no warm start: refused above
         lr_scheduler.lr_lambdas = [multiplier] * len(lr_scheduler.optimizer.param_groups)
         # The Trainer already applied its own multiplier for the current step (0, or the resumed step).
         step = lr_scheduler.last_epoch

@@ -7,13 +7,14 @@ from typing import Literal
 
 from peft import LoraConfig
 
-from hfx.peft._registration import HfxPeftType
+from hfx.peft._registration import HfxPeftConfigMixin, HfxPeftType
+from hfx.peft._validation import check_choice, check_int, check_real
 
 PRUNE_METHODS = ("reset", "random", "magnitude")
 
 
 @dataclass
-class ReLoraConfig(LoraConfig):
+class ReLoraConfig(HfxPeftConfigMixin, LoraConfig):
     """A :class:`peft.LoraConfig` whose low-rank update is merged into the base weights every
     ``relora_steps`` optimizer steps and then restarted from a fresh adapter, so that the sum of the
     successive low-rank updates reaches a high rank.
@@ -22,7 +23,14 @@ class ReLoraConfig(LoraConfig):
     ``target_modules`` is left unset, every linear layer of the model except its output head is wrapped
     (peft's ``"all-linear"``): for a Llama that is ``q/k/v/o_proj`` and ``gate/up/down_proj`` of every block.
     DoRA, ``lora_bias`` and initialisations other than the default are refused: a restart re-initialises
-    A with kaiming-uniform and B with zeros, which is the default LoRA initialisation.
+    A with kaiming-uniform and B with zeros, which is the default LoRA initialisation. Every numeric field,
+    LoRA's ``r``, ``lora_alpha``, ``lora_dropout``, ``rank_pattern`` and ``alpha_pattern`` included, is checked
+    for its type and range (NaN and infinities refused): a restart merges ``scaling * B @ A`` into the base
+    weights for good.
+
+    ``save_pretrained`` writes ``"peft_type": "RELORA (a PEFT method of the hfx package: install hfx, then
+    import hfx before loading)"``: a process without hfx shows that text in peft's ``KeyError``. Configs saved
+    with ``"peft_type": "RELORA"`` (hfx 0.1) load as well.
 
     Tuning (measured in ``bench/relora_pretraining.py``, see ``bench/RESULTS.md``):
     - A restart leaves a fresh adapter (B = 0, A at its kaiming scale), which moves the weights far less per
@@ -63,17 +71,10 @@ class ReLoraConfig(LoraConfig):
     restart_seed: int = field(default=0, metadata={"help": "Seed of A's re-initialisation and random pruning."})
 
     def __post_init__(self):
+        self._check_numbers()
         super().__post_init__()
         self.peft_type = HfxPeftType.RELORA
         checks = (
-            ("relora_steps", self.relora_steps > 0, "must be > 0"),
-            ("restart_warmup_steps", 0 <= self.restart_warmup_steps < self.relora_steps,
-             f"must be >= 0 and < relora_steps ({self.relora_steps})"),
-            ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
-            ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "must lie in [0, 1]"),
-            ("prune_method", self.prune_method in PRUNE_METHODS, f"must be one of {PRUNE_METHODS}"),
-            ("prune_ratio", 0.0 < self.prune_ratio <= 1.0, "must lie in (0, 1]"),
-            ("full_rank_warmup_steps", self.full_rank_warmup_steps >= 0, "must be >= 0"),
             ("use_dora", not self.use_dora, "is not supported by ReLoRA"),
             ("lora_bias", not self.lora_bias, "is not supported by ReLoRA"),
             ("init_lora_weights", self.init_lora_weights is True,
@@ -83,3 +84,32 @@ class ReLoraConfig(LoraConfig):
         for name, ok, requirement in checks:
             if not ok:
                 raise ValueError(f"ReLoraConfig.{name}={getattr(self, name)!r} {requirement}")
+
+    def _check_numbers(self) -> None:
+        """Types and ranges of the numeric fields, before anything uses them. A restart merges ``scaling * B @ A``
+        into the base weights for good, so a NaN or infinite scale would corrupt the base: refused here."""
+        where = "ReLoraConfig."
+        self.relora_steps = check_int(where + "relora_steps", self.relora_steps, minimum=1)
+        self.restart_warmup_steps = check_int(where + "restart_warmup_steps", self.restart_warmup_steps)
+        if not 0 <= self.restart_warmup_steps < self.relora_steps:
+            raise ValueError(f"ReLoraConfig.restart_warmup_steps={self.restart_warmup_steps!r} must be >= 0 and < "
+                             f"relora_steps ({self.relora_steps})")
+        self.warmup_steps = check_int(where + "warmup_steps", self.warmup_steps, minimum=0)
+        self.full_rank_warmup_steps = check_int(where + "full_rank_warmup_steps", self.full_rank_warmup_steps, minimum=0)
+        self.restart_seed = check_int(where + "restart_seed", self.restart_seed)
+        self.min_lr_ratio = check_real(where + "min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        self.prune_method = check_choice(where + "prune_method", self.prune_method, PRUNE_METHODS)
+        self.prune_ratio = check_real(where + "prune_ratio", self.prune_ratio, low=0.0, high=1.0, low_open=True)
+        # LoRA's own fields, which peft's LoraConfig takes unchecked
+        self.r = check_int(where + "r", self.r, minimum=1)
+        check_real(where + "lora_alpha", self.lora_alpha, low=0.0, low_open=True)
+        self.lora_dropout = check_real(where + "lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
+        for field_name, check in (("rank_pattern", lambda w, v: check_int(w, v, minimum=1)),
+                                  ("alpha_pattern", lambda w, v: check_real(w, v, low=0.0, low_open=True))):
+            pattern = getattr(self, field_name)
+            if pattern is None:
+                continue
+            if not isinstance(pattern, dict):
+                raise TypeError(f"ReLoraConfig.{field_name}={pattern!r} must be a dict of module name -> value")
+            for key, value in pattern.items():
+                check(f"ReLoraConfig.{field_name}[{key!r}]", value)

@@ -40,14 +40,22 @@ class ReLoraModel(LoraModel):
     base weight and restart (see :func:`hfx.peft.relora_restart`), and that records the merged updates so a
     saved adapter rebuilds the trained model from the original base.
 
-    Differences from LoRA a user should know:
+    What the adapter is: everything training added to the base weights ``W_0``, i.e. the merged history of
+    every restart plus the current low-rank update. The history lives in the base weights (that is how ReLoRA
+    trains at LoRA's speed and memory), and peft's calls mean what they mean for LoRA:
 
-    - The base weights carry the merged history. ``PeftModel.from_pretrained(original_base, dir)`` adds the
-      saved history to the base weights (this is what reproduces the trained model), and so do
-      ``disable_adapter()`` and ``unload()``: they remove only the current low-rank update.
-    - One ReLoRA adapter per model: its history lives in the shared base weights, so adapters could not be
-      switched (``delete_adapter`` also leaves the history in the base). For switchable adapters,
-      ``export_as_lora`` gives an ordinary LoRA adapter.
+    - ``merge_and_unload()`` returns the base model class with the trained weights ``W_0 + history + s B A``.
+    - ``unload()`` returns the base model class with ``W_0``: the history is subtracted from the base weights
+      (equal to the original up to float rounding; an adapter merged with ``merge_adapter()`` is unmerged).
+    - ``with disable_adapter():`` the model computes the base model ``W_0``; no weight is changed on entering
+      or leaving (the layers subtract the history's low-rank output, at the cost of one rank-``k*r`` product).
+    - ``delete_adapter(name)`` removes the adapter and its history from the base weights.
+    - ``PeftModel.from_pretrained(base, dir)`` replays the saved history onto ``base``'s weights in place (bit
+      for bit the trained weights), so the loaded model computes exactly what the trained one did; ``unload()``
+      gives ``base`` back.
+
+    One ReLoRA adapter per model: its history lives in the shared base weights, so adapters could not be
+    switched. For switchable adapters, ``export_as_lora`` gives an ordinary LoRA adapter.
     """
 
     prefix: str = "lora_"
@@ -89,22 +97,56 @@ class ReLoraModel(LoraModel):
         """Loading a saved ReLoRA adapter: besides peft's key remapping, replay the saved merge history onto
         the base weights (replacing the history the layer held before, if any), so that the loaded model
         computes what the trained model computed. The history tensors are then copied into the layers'
-        buffers by the ``load_state_dict`` that follows."""
+        buffers by the ``load_state_dict`` that follows. Every history is checked before any weight changes.
+
+        Raises:
+            ValueError: a history that does not fit its layer (shape, rank, NaN / infinite values), only one of
+                a layer's two history tensors, or ``low_cpu_mem_usage=True``.
+        """
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        plan = []
         for name, module in model.named_modules():
             if not isinstance(module, ReLoraLinear) or adapter_name not in module.relora_history_A:
                 continue
-            new_A = state_dict.get(f"{name}.relora_history_A.{adapter_name}")
-            new_B = state_dict.get(f"{name}.relora_history_B.{adapter_name}")
-            if new_A is None or new_B is None:
-                continue
-            old_A, old_B = module.relora_history_A[adapter_name], module.relora_history_B[adapter_name]
-            if old_A.device.type == "meta":
+            keys = (f"{name}.relora_history_A.{adapter_name}", f"{name}.relora_history_B.{adapter_name}")
+            new_A, new_B = (state_dict.get(key) for key in keys)
+            if (new_A is None) != (new_B is None):
+                missing = keys[0] if new_A is None else keys[1]
+                raise ValueError(f"cannot load ReLoRA adapter {adapter_name!r} into {name!r}: the saved adapter lacks "
+                                 f"{missing!r} (it has the other history tensor)")
+            if module.relora_history_A[adapter_name].device.type == "meta":
                 raise ValueError("loading a ReLoRA adapter with low_cpu_mem_usage=True is not supported")
-            if old_A.numel():
-                module.add_history_to_base(adapter_name, old_A, old_B, sign=-1)
-            module.add_history_to_base(adapter_name, new_A, new_B, sign=+1)
+            if new_A is None:  # saved without a history (no restart): what the layer held before goes
+                new_A = module.relora_history_A[adapter_name].new_zeros(0, module.in_features)
+                new_B = module.relora_history_B[adapter_name].new_zeros(module.out_features, 0)
+                state_dict[keys[0]], state_dict[keys[1]] = new_A, new_B
+            try:
+                module.check_history(adapter_name, new_A, new_B)
+            except ValueError as err:
+                raise ValueError(f"cannot load ReLoRA adapter {adapter_name!r} into {name!r}: {err}") from None
+            plan.append((module, new_A, new_B))
+        for module, new_A, new_B in plan:
+            module.remove_history(adapter_name)
+            if new_A.numel():
+                module.add_history_to_base(adapter_name, new_A, new_B, sign=+1)
         return state_dict
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        """peft's unload, plus: the history of every adapter that is not merged leaves the base weights (all of
+        them for ``unload()``), so ``unload()`` gives ``W_0`` back and ``merge_and_unload()`` the trained model."""
+        merged_names = set(self.active_adapters if adapter_names is None else adapter_names) if merge else set()
+        layers = [m for m in self.model.modules() if isinstance(m, ReLoraLinear)]
+        model = super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+        # The detached layers still hold the very base layers that are now in the model.
+        for layer in layers:
+            if not merge and layer.merged:
+                layer.unmerge()
+            for name in list(layer.relora_history_A):
+                if name not in merged_names:
+                    layer.remove_history(name)
+        return model
 
     def relora_layers(self, adapter_name: str | None = None) -> list[tuple[str, ReLoraLinear]]:
         """``(name, layer)`` of every ReLoRA layer holding ``adapter_name`` (default: the active one)."""
@@ -127,10 +169,13 @@ class ReLoraModel(LoraModel):
             The ``LoraConfig`` written.
 
         Raises:
-            ValueError: the adapter is currently merged.
+            ValueError: no ReLoRA adapter of that name, or the adapter is currently merged.
         """
         adapter_name = adapter_name or active_adapter_name(self)
-        config: ReLoraConfig = self.peft_config[adapter_name]
+        config = self.peft_config.get(adapter_name)
+        if not isinstance(config, ReLoraConfig):
+            raise ValueError(f"export_as_lora: the model has no ReLoRA adapter {adapter_name!r} (it has "
+                             f"{sorted(self.peft_config)})")
         layers = self.relora_layers(adapter_name)
         if any(adapter_name in layer.merged_adapters for _, layer in layers):
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before export_as_lora()")

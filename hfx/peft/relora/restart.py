@@ -4,7 +4,8 @@ A restart, done between two optimizer steps where the jagged schedule puts the l
 
 1. merge every ReLoRA layer's update into its base weight and re-initialise it (A kaiming-uniform, B = 0),
    which leaves the model's function unchanged (:meth:`ReLoraLinear.merge_and_reinit`);
-2. prune the optimizer state of the LoRA parameters only, in place (:func:`prune_optimizer_state`).
+2. prune the optimizer state of the LoRA parameters only, in place (:func:`prune_optimizer_state`); with an
+   optimizer that keeps no per-entry state (SGD without momentum) there is nothing to prune.
 
 Everything happens in place: the optimizer keeps its parameter objects and state tensors, so a GradScaler,
 DDP and Accelerate's wrappers stay valid. Random choices come from generators seeded with
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hfx.peft._validation import check_choice, check_int, check_real
 from hfx.peft.relora.config import PRUNE_METHODS, ReLoraConfig
 from hfx.peft.relora.layer import ReLoraLinear, named_relora_layers
 from hfx.peft.relora.model import active_adapter_name
@@ -103,6 +105,37 @@ def _prune_mask(param, state: dict, method: str, ratio: float, generator: torch.
     return flat.view(param.shape)
 
 
+def _check_pruning(method, ratio, where: str = "") -> tuple[str, float]:
+    method = check_choice(f"{where}prune_method", method, PRUNE_METHODS)
+    ratio = check_real(f"{where}prune_ratio", ratio, low=0.0, high=1.0)
+    return method, ratio
+
+
+def _plan_pruning(optimizer, params, method: str, ratio: float, generator_for) -> list[tuple[list, torch.Tensor]]:
+    """``(state tensors, mask)`` for every parameter in ``params`` with per-entry optimizer state; changes nothing.
+    ``generator_for(device)`` gives the random source of ``"random"`` pruning."""
+    optimizer = _unwrap_optimizer(optimizer)
+    plan = []
+    for param in params:
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        moments = [t for t in state.values() if torch.is_tensor(t) and t.is_floating_point() and t.shape == param.shape]
+        if moments:
+            plan.append((moments, _prune_mask(param, state, method, ratio, generator_for(param.device))))
+    return plan
+
+
+def _apply_pruning(plan) -> tuple[int, int]:
+    zeroed = total = 0
+    for moments, mask in plan:
+        for moment in moments:
+            moment.masked_fill_(mask, 0)
+        zeroed += int(mask.sum())
+        total += mask.numel()
+    return zeroed, total
+
+
 @torch.no_grad()
 def prune_optimizer_state(
     optimizer,
@@ -115,35 +148,28 @@ def prune_optimizer_state(
     """Zero part of the optimizer state of ``params``, in place, with ONE mask per parameter applied to all of
     its state tensors of the parameter's shape (Adam's ``exp_avg`` and ``exp_avg_sq``, SGD's
     ``momentum_buffer``, ...). Scalars such as Adam's ``step`` are left alone. Other parameters are untouched.
+    Every mask is drawn before any state changes, so an error leaves the optimizer as it was.
 
     Args:
         optimizer: a ``torch.optim.Optimizer`` or a wrapper with ``.optimizer`` (Accelerate's).
         params: the parameters whose state is pruned.
         method: ``"reset"`` (all entries), ``"random"`` (a random ``ratio`` of them, drawn from
             ``generator``) or ``"magnitude"`` (the ``ratio`` with the smallest second moment).
-        ratio: fraction of each parameter's entries to zero (``round(ratio * numel)`` exactly).
+        ratio: fraction of each parameter's entries to zero (``round(ratio * numel)`` exactly), in [0, 1].
         generator: random source for ``"random"``, on the parameters' device.
 
     Returns:
-        ``(zeroed, total)``: entries zeroed and entries that had state, summed over the parameters.
+        ``(zeroed, total)``: entries zeroed and entries that had state, summed over the parameters
+        (``(0, 0)`` for an optimizer that keeps no per-entry state, e.g. SGD without momentum).
+
+    Raises:
+        ValueError: an unknown ``method`` or a ``ratio`` outside [0, 1] (NaN included).
+        TypeError: a ``ratio`` that is not a number, or a ``generator`` that is not a ``torch.Generator``.
     """
-    if method not in PRUNE_METHODS:
-        raise ValueError(f"prune method {method!r} is not one of {PRUNE_METHODS}")
-    optimizer = _unwrap_optimizer(optimizer)
-    zeroed = total = 0
-    for param in params:
-        state = optimizer.state.get(param)
-        if not state:
-            continue
-        moments = [t for t in state.values() if torch.is_tensor(t) and t.is_floating_point() and t.shape == param.shape]
-        if not moments:
-            continue
-        mask = _prune_mask(param, state, method, ratio, generator)
-        for moment in moments:
-            moment.masked_fill_(mask, 0)
-        zeroed += int(mask.sum())
-        total += mask.numel()
-    return zeroed, total
+    method, ratio = _check_pruning(method, ratio)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator={generator!r} must be a torch.Generator or None")
+    return _apply_pruning(_plan_pruning(optimizer, list(params), method, ratio, lambda device: generator))
 
 
 @torch.no_grad()
@@ -159,29 +185,40 @@ def relora_restart(
     """One ReLoRA restart of every ReLoRA layer of ``model`` and the optimizer state of their LoRA factors.
 
     Call it after the optimizer step that completes ``step`` steps (the jagged schedule's LR is 0 for the next
-    one), on every data-parallel rank.
+    one), on every data-parallel rank. Everything is checked, and every pruning mask drawn, before the first
+    change, so an error leaves the model and the optimizer as they were.
+
+    An optimizer that keeps no per-entry state for the LoRA factors (SGD without momentum, what
+    ``transformers.Trainer(optim="sgd")`` builds, or any optimizer before its first step) is allowed: the
+    restart then merges and re-initialises, and pruning has nothing to do (``state_entries == 0``).
 
     Args:
         model: the ``PeftModel`` (or its tuner, or either inside DDP) holding a ReLoRA adapter.
         optimizer: the optimizer training the LoRA factors (or Accelerate's wrapper of it).
-        step: the number of optimizer steps done; with the config's ``restart_seed`` it seeds A's
-            re-initialisation and random pruning, identically on every rank.
+        step: the number of optimizer steps done (an integer >= 0); with the config's ``restart_seed`` it
+            seeds A's re-initialisation and random pruning, identically on every rank.
         adapter_name: the ReLoRA adapter (default: the active one).
-        prune_method, prune_ratio: override the config's.
+        prune_method, prune_ratio: override the config's (same allowed values).
 
     Returns:
         What was done; also logged at INFO.
 
     Raises:
-        RuntimeError: the optimizer holds none of the LoRA factors, or pruning zeroed nothing (the
-            optimizer keeps no per-entry state for them, e.g. before the first step).
+        ValueError: no ReLoRA adapter or layer, a bad ``step`` / ``prune_method`` / ``prune_ratio``, or a
+            ratio that rounds to zero entries in every tensor that has optimizer state.
+        RuntimeError: the optimizer holds none of the LoRA factors, the adapter is merged
+            (``merge_adapter()``), or a LoRA factor holds NaN or infinite values (naming the layer).
     """
+    step = check_int("step", step, minimum=0)
     adapter_name, config = relora_config_of(model, adapter_name)
-    prune_method = prune_method or config.prune_method
-    prune_ratio = 1.0 if prune_method == "reset" else (config.prune_ratio if prune_ratio is None else prune_ratio)
-    layers = relora_layers(model, adapter_name)
-    if not layers:
+    prune_method = config.prune_method if prune_method is None else prune_method
+    if prune_method == "reset":
+        prune_ratio = 1.0
+    prune_method, prune_ratio = _check_pruning(prune_method, config.prune_ratio if prune_ratio is None else prune_ratio)
+    named_layers = named_relora_layers(_unwrap_model(model), adapter_name)
+    if not named_layers:
         raise ValueError(f"model has no ReLoRA layer holding adapter {adapter_name!r}")
+    layers = [layer for _, layer in named_layers]
 
     lora_params = [p for layer in layers for p in (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight)]
     held = {id(p) for group in _unwrap_optimizer(optimizer).param_groups for p in group["params"]}
@@ -190,6 +227,11 @@ def relora_restart(
             "the optimizer holds none of the ReLoRA parameters: build it after get_peft_model(), from the "
             "wrapped model's parameters"
         )
+    for name, layer in named_layers:
+        try:
+            layer.check_restart(adapter_name)
+        except RuntimeError as err:
+            raise RuntimeError(f"ReLoRA restart at step {step} refused, nothing changed: layer {name!r}: {err}") from None
 
     generators: dict[torch.device, torch.Generator] = {}
 
@@ -199,24 +241,27 @@ def relora_restart(
         return generators[device]
 
     # Pruning reads the state of the parameters as trained; merging does not touch the optimizer state.
-    zeroed = total = 0
-    for param in lora_params:
-        z, t = prune_optimizer_state(
-            optimizer, [param], method=prune_method, ratio=prune_ratio, generator=generator_for(param.device)
+    plan = _plan_pruning(optimizer, lora_params, prune_method, prune_ratio, generator_for)
+    if plan and not any(mask.any() for _, mask in plan):
+        smallest = min(mask.numel() for _, mask in plan)
+        raise ValueError(
+            f"prune_ratio={prune_ratio} rounds to zero entries in every LoRA factor with optimizer state (the "
+            f"smallest has {smallest} entries): ReLoRA restart at step {step} would prune nothing; nothing changed"
         )
-        zeroed, total = zeroed + z, total + t
+
+    zeroed, total = _apply_pruning(plan)
     for layer in layers:
         layer.merge_and_reinit(adapter_name, generator=generator_for(layer.lora_A[adapter_name].weight.device))
 
-    if zeroed == 0:
-        raise RuntimeError(
-            f"ReLoRA restart at step {step} pruned no optimizer state ({total} entries had state; method "
-            f"{prune_method!r}, ratio {prune_ratio}): the optimizer keeps no per-entry state for the LoRA "
-            "parameters yet, or the ratio rounds to zero entries"
-        )
     stats = ReLoraRestartStats(step=step, layers=len(layers), pruned_entries=zeroed, state_entries=total)
-    logger.info(
-        "ReLoRA restart at step %d: merged %d layers, zeroed %.1f%% of the LoRA optimizer state (%s)",
-        step, stats.layers, 100 * stats.pruned_fraction, prune_method,
-    )
+    if total:
+        logger.info(
+            "ReLoRA restart at step %d: merged %d layers, zeroed %.1f%% of the LoRA optimizer state (%s)",
+            step, stats.layers, 100 * stats.pruned_fraction, prune_method,
+        )
+    else:
+        logger.info(
+            "ReLoRA restart at step %d: merged %d layers; the optimizer keeps no per-entry state for the LoRA "
+            "factors (e.g. SGD without momentum), so there was nothing to prune", step, stats.layers,
+        )
     return stats
