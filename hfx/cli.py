@@ -93,13 +93,53 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
 
 
 def _positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+        value = None
+    if value is None or value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
     return value
+
+
+def _device(name: str | None) -> str:
+    """``--device``: a torch device that exists here (default: cuda when available, else cpu)."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    available = {"cuda": torch.cuda.is_available, "mps": lambda: bool(getattr(torch.backends, "mps", None)
+                                                                        and torch.backends.mps.is_available())}
+    if device.type in available and not available[device.type]():
+        raise ValueError(f"--device {name}: no {device.type} device is available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
+def _image_path(out: str) -> str:
+    """``--out`` of an image: a file path with an image extension PIL writes, not a folder."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    if Path(out).is_dir():
+        raise ValueError(f"--out {out} is a folder; give the path of an image file, e.g. {Path(out) / 'grid.png'}")
+    if Path(out).suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {out}: {Path(out).suffix or 'no extension'} is not an image format; use .png or .jpg")
+    return out
 
 
 def choose_threads(requested: int | None = None) -> tuple[int, str]:
@@ -130,14 +170,25 @@ def _set_threads(requested: int | None) -> None:
 
 
 def _log_to_stderr() -> None:
-    """hfx's INFO logs (checkpoints, evaluations) on the main process; warnings only on the others."""
+    """hfx's INFO logs (checkpoints, evaluations) on the main process; warnings only on the others. One
+    handler however often a command runs in a process, writing to whatever ``sys.stderr`` is then."""
     import logging
 
+    class CurrentStderr(logging.StreamHandler):
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value):  # StreamHandler sets it once; the property follows sys.stderr instead
+            pass
+
     main = os.environ.get("RANK", "0") == "0"
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     hfx_logger = logging.getLogger("hfx")
-    hfx_logger.addHandler(handler)
+    if not any(type(h).__name__ == "CurrentStderr" for h in hfx_logger.handlers):
+        handler = CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        hfx_logger.addHandler(handler)
     hfx_logger.setLevel(logging.INFO if main else logging.WARNING)
 
 
@@ -183,9 +234,9 @@ def _run_train(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- demo
 def _add_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="outputs/demo", help="where everything goes (default outputs/demo)")
-    parser.add_argument("--per-class", type=int, default=30,
+    parser.add_argument("--per-class", type=_positive_int, default=30,
                         help="generated images per class for each guidance setting (default 30)")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps when sampling (default 25)")
+    parser.add_argument("--steps", type=_positive_int, default=25, help="DDIM steps when sampling (default 25)")
     parser.add_argument("--diffusion", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides of the ddpm-digits recipe, e.g. train.max_steps=500")
     parser.add_argument("--evaluator", nargs="*", default=[], metavar="KEY=VALUE",
@@ -233,16 +284,16 @@ def _add_sample(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pipeline", metavar="PIPELINE_DIR", help="a ClassConditionalPipeline folder or Hub repo id")
     parser.add_argument("--class", dest="classes", nargs="+", metavar="CLASS",
                         help="class ids or names; several give one row each (default: every class)")
-    parser.add_argument("--n", type=int, default=16, help="images per class (default 16)")
+    parser.add_argument("--n", type=_positive_int, default=16, help="images per class (default 16)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale: 0 unconditional, 1 conditional (default: the pipeline's)")
     parser.add_argument("--classifier-scale", type=float, default=0.0, help="classifier guidance scale (default 0)")
     parser.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale factor in [0, 1] (default 0)")
     parser.add_argument("--dynamic-thresholding", type=float, default=None, metavar="RATIO",
                         help="Imagen dynamic thresholding quantile, e.g. 0.995 (default: off)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--scheduler", default="ddim", help="ddpm, ddim, dpm++ or saved (default ddim)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", default="grid.png", help="where to write the image grid (default grid.png)")
 
@@ -252,10 +303,11 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     from hfx.pipelines import ClassConditionalPipeline, class_grid, scheduler_from_name
 
+    _image_path(args.out)
+    device = _device(args.device)
     pipe = ClassConditionalPipeline.from_pretrained(args.pipeline)
     if args.scheduler != "saved":
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.to(device)
     names = pipe.class_names or []
     # A token is a class name when the pipeline has that name, else an id when it reads as an integer.
@@ -279,13 +331,13 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--pipeline", metavar="PIPELINE_DIR",
                         help="sample the generated images from this ClassConditionalPipeline instead")
     sampling = parser.add_argument_group("sampling (with --pipeline)")
-    sampling.add_argument("--num-images", type=int, default=1000,
+    sampling.add_argument("--num-images", type=_positive_int, default=1000,
                           help="images to sample, classes in turn (default 1000)")
-    sampling.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    sampling.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default 50)")
     sampling.add_argument("--guidance", type=float, default=None,
                           help="classifier-free guidance scale (default: the pipeline's)")
     sampling.add_argument("--scheduler", default="ddim", help="ddpm, ddim, dpm++ or saved (default ddim)")
-    sampling.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sampling.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
     parser.add_argument("--reference", required=True, metavar="SPEC",
                         help="a folder of images, a .npz written by --save-reference (or pytorch-fid mu/sigma: "
                              "FID only), or a dataset hfx.data.load knows, optionally with a split: digits:test")
@@ -294,13 +346,13 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
                              "open_clip:<model>[:<weights>], open_clip:local-dir:<folder>, hf:<save_pretrained "
                              "folder>; 'random' for random weights")
     parser.add_argument("--image-column", default="image", help="image column of a dataset reference (default image)")
-    parser.add_argument("--limit", type=int, default=None, help="use at most this many images per side")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per extractor batch (default 64)")
-    parser.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
-    parser.add_argument("--kid-subset-size", type=int, default=1000,
+    parser.add_argument("--limit", type=_positive_int, default=None, help="use at most this many images per side")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per extractor batch (default 64)")
+    parser.add_argument("--kid-subsets", type=_positive_int, default=100, help="KID subsets (default 100)")
+    parser.add_argument("--kid-subset-size", type=_positive_int, default=1000,
                         help="KID subset size, lowered to the smaller side (default 1000)")
-    parser.add_argument("--k", type=int, default=3, help="neighbourhood size of precision/recall (default 3)")
-    parser.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (default 10)")
+    parser.add_argument("--k", type=_positive_int, default=3, help="neighbourhood size of precision/recall (default 3)")
+    parser.add_argument("--is-splits", type=_positive_int, default=10, help="Inception Score splits (default 10)")
     parser.add_argument("--save-reference", metavar="NPZ", help="also save the reference features and statistics here")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -343,13 +395,11 @@ def _sampled_images(args: argparse.Namespace, device: str):
 def _run_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
     import hfx  # noqa: F401  (registers hfx architectures, so hf:<folder> extractors of hfx models load)
     from hfx.metrics.extractors import load_extractor
     from hfx.metrics.scoring import ExtractedFeatures, extract_features, generative_scores
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     if args.pipeline:
         extractor = load_extractor(args.extractor, device=device)
         generated = extract_features(extractor, _sampled_images(args, device), args.batch_size,
@@ -502,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command][2](args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError) as err:
+    # OSError: files (a folder where a file goes, an unreadable or corrupt image: the message names the path).
+    except (ValueError, OSError) as err:
         if os.environ.get("HFX_TRACEBACK"):
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

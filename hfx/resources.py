@@ -47,6 +47,8 @@ def training_config(name: str) -> Path:
     as_path = Path(name)
     if as_path.is_file():
         return as_path
+    if as_path.is_dir():
+        raise ValueError(f"recipe {name!r} is a folder; give a YAML file or a shipped recipe name")
     stem = as_path.name[:-5] if as_path.name.endswith(".yaml") else as_path.name
     configs = resource_dir("training") / "configs"
     candidate = configs / f"{stem}.yaml"

@@ -73,7 +73,9 @@ def test_two_process_cpu_ddp_equals_one_process_with_the_same_global_batch(tmp_p
               "--config_file", str(resource_path("training", "accelerate", "cpu-ddp.yaml")),
               "--main_process_port", str(free_port()), "-m", "hfx", "train", path,
               f"output_dir={tmp_path / 'ddp'}", "train.batch_size=16"]
-    done = subprocess.run(launch, env=environment(ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=300)
+    # As training/accelerate/cpu-ddp.yaml documents it: no ACCELERATE_USE_CPU on a machine without GPUs
+    env = {k: v for k, v in environment().items() if k != "ACCELERATE_USE_CPU"}
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "global batch 32 (2 process(es) x 16 x 1 accumulation)" in done.stderr
 

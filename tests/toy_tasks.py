@@ -21,6 +21,8 @@ class ToyQueueOptions:
     queue_size: int = bounded(48, ">=1")
     sleep: float = bounded(0.0, ">=0")
     """Seconds per step, so that a test can kill the run in the middle."""
+    eval_sleep: float = bounded(0.0, ">=0")
+    """Seconds each evaluation takes; it touches ``output_dir/evaluating-<step>`` when it starts."""
 
 
 @register_task("test-toy-queue")
@@ -34,7 +36,8 @@ class ToyQueueTask(Task):
     def build_data(self):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(512, 6, generator=g)
-        return TaskData(train=torch.utils.data.TensorDataset(x, x @ torch.randn(6, 4, generator=g)))
+        data = torch.utils.data.TensorDataset(x, x @ torch.randn(6, 4, generator=g))
+        return TaskData(train=data, eval=torch.utils.data.Subset(data, range(64)))
 
     def build_models(self):
         self.queue = torch.zeros(0, 4)
@@ -52,6 +55,14 @@ class ToyQueueTask(Task):
         self.queue = torch.cat([z.detach(), self.queue])[: self.options.queue_size]
         self.pushed += len(z)
         return loss, {"queue_norm": self.queue.norm()}
+
+    @torch.no_grad()
+    def evaluate(self, models, loader, state):
+        if self.accelerator.is_main_process:
+            (self.output_dir / f"evaluating-{state.global_step}").touch()
+        time.sleep(self.options.eval_sleep)
+        errors = [F.mse_loss(models["model"](x), y, reduction="sum") for x, y in loader]
+        return {"mse": float(sum(errors)) / 64}
 
     def state_dict(self):
         return {"queue": self.queue, "pushed": self.pushed}

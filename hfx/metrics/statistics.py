@@ -172,7 +172,14 @@ class FeatureStatistics:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"statistics file {str(path)!r} does not exist")
-        with np.load(path, allow_pickle=False) as data:
+        try:
+            data = np.load(path, allow_pickle=False)
+            if not hasattr(data, "files"):
+                raise ValueError("it holds one array, not named arrays")
+        except (ValueError, OSError, EOFError) as err:  # not a zip, truncated, pickled objects (refused)
+            raise ValueError(f"statistics file {str(path)!r} is not an .npz of named arrays "
+                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        with data:
             keys = set(data.files)
             if {_SUM, _SUM_OUTER, _COUNT} <= keys:
                 stats = cls(int(data[_SUM].shape[0]), device=device)

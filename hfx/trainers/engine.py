@@ -102,6 +102,7 @@ class Trainer:
         self._extra_callbacks = list(callbacks)
         self._signal: int | None = None
         self._signal_phase = "training"
+        self.config_changes: list[str] = []
 
     @property
     def global_step(self) -> int:
@@ -126,12 +127,19 @@ class Trainer:
         return TrainResult(self.output_dir, self.output_dir / "final", self.state.global_step, self.last_eval, stop_reason)
 
     def _loop(self) -> str:
-        acc, state, task = self.accelerator, self.state, self.task
+        acc, state = self.accelerator, self.state
         # In a log file (no terminal) every refresh is a new line: refresh less often there.
         self._progress = tqdm(total=self.total_steps, initial=state.global_step, desc="train", dynamic_ncols=True,
                               disable=not acc.is_local_main_process, mininterval=0.1 if sys.stderr.isatty() else 10.0)
         self._tick = (time.perf_counter(), state.samples_seen)
         self._run_start = (time.perf_counter(), state.global_step)
+        try:
+            return self._steps()
+        finally:  # also on an error: the bar's last line must not follow the error's
+            self._progress.close()
+
+    def _steps(self) -> str:
+        acc, state, task = self.accelerator, self.state, self.task
         if self.config.eval.at_start and state.global_step == 0 and self._last_eval_step != 0:
             self._evaluate()
         while state.global_step < self.total_steps:
@@ -148,14 +156,12 @@ class Trainer:
                 state.samples_seen += self.global_batch_size
                 stop_reason = self._after_step()
                 if stop_reason:
-                    self._progress.close()
                     return stop_reason
                 if state.global_step >= self.total_steps:
                     break
             else:  # the epoch ran out (not a break): the next one starts from its first batch
                 state.epoch += 1
                 state.batches_in_epoch = 0
-        self._progress.close()
         return "max_steps"
 
     def _forward_backward(self, batch, phase: str) -> None:
@@ -342,7 +348,6 @@ class Trainer:
         self._metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=acc.is_main_process)
         self.last_eval: dict[str, float] = {}
         self._last_eval_step = -1
-        self.config_changes: list[str] = []
 
         if cfg.log.report_to:
             acc.init_trackers(cfg.log.project_name, config=_flat_hparams(to_dict(cfg)))
