@@ -279,6 +279,10 @@ TRAIN = ["train", "classify-digits", "train.max_steps=1", "log.report_to=[]"]
      "cannot identify image file '{tmp}/broken/a/broken.png'"),
     (["evaluate", "--generated", "{tmp}/good", "--reference", "{tmp}/bad.npz", "--extractor", "timm:resnet10t:random"],
      "statistics file '{tmp}/bad.npz' is not an .npz of named arrays"),
+    (["evaluate", "--generated", "{tmp}/good", "--reference", "digits:test", "--extractor", "inception:{tmp}/planted.pth"],
+     "weights file '{tmp}/planted.pth' cannot be read as tensors (UnpicklingError"),
+    (["sample", "{tmp}/truncated", "--steps", "2", "--out", "{tmp}/g.png"],
+     "{tmp}/truncated/unet/diffusion_pytorch_model.safetensors"),
 ])
 def test_every_bad_value_ends_in_one_line_naming_it(tmp_path, capsys, argv, named):
     (tmp_path / "binary.yaml").write_bytes(bytes(range(256)))
@@ -286,6 +290,10 @@ def test_every_bad_value_ends_in_one_line_naming_it(tmp_path, capsys, argv, name
     (tmp_path / "bad.npz").write_bytes(b"not a zip file")
     _folder_of_images(tmp_path / "good")
     _folder_of_images(tmp_path / "broken", corrupt=True)
+    (tmp_path / "planted.pth").write_bytes(pickle.dumps(os.system))
+    shutil.copytree(FIXTURE_PIPE, tmp_path / "truncated")
+    weights_file = tmp_path / "truncated" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:3000])
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     if argv[0] == "train" and not any(a.startswith("output_dir=") for a in argv):
         argv.append(f"output_dir={tmp_path / 'run'}")
