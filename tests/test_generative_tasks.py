@@ -51,7 +51,8 @@ def test_diffusion_task_trains_and_saves_a_guided_pipeline(tmp_path):
     assert pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
     images = pipe(["3", 7], num_inference_steps=2, output_type="pt").images
     assert images.shape == (2, 1, 8, 8)
-    assert "ClassConditionalPipeline.from_pretrained" in (Path(result.final_dir) / "README.md").read_text()
+    card = (Path(result.final_dir) / "README.md").read_text()
+    assert "DiffusionPipeline.from_pretrained" in card and "images = pipe([0, 1, 2, 3]" in card
 
 
 def test_diffusion_loss_uses_label_dropout_and_the_prediction_target(tmp_path):
