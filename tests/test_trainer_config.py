@@ -115,35 +115,32 @@ def test_a_previous_run_is_not_silently_mixed_into(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- schedules
+def _stepped(make_schedule, steps: int) -> list[float]:
+    """The lr of each of ``steps`` optimizer steps under ``make_schedule(optimizer)`` (peak lr 2.0)."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    schedule = make_schedule(optimizer)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return lrs
+
+
 def _lrs(overrides, steps=100):
     from hfx.trainers.schedules import build_schedule
 
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=2.0)
-    schedule = build_schedule(load_config(RECIPE, overrides), optimizer, steps)
-    lrs = []
-    for _ in range(steps):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
-    return lrs
+    config = load_config(RECIPE, overrides)
+    return _stepped(lambda optimizer: build_schedule(config, optimizer, steps), steps)
 
 
-def _transformers_lrs(name, steps=100, **kwargs):
+def _transformers_lrs(name, steps=100, warmup_steps=0, **kwargs):
     """What ``TrainingArguments(lr_scheduler_type=name, warmup_steps=..., lr_scheduler_kwargs=...)`` gives."""
     from transformers import get_scheduler
 
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=2.0)
-    warmup = kwargs.pop("warmup_steps", 0)
-    schedule = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps,
-                             scheduler_specific_kwargs=kwargs)
-    lrs = []
-    for _ in range(steps):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
-    return lrs
+    return _stepped(lambda optimizer: get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps,
+                                                    scheduler_specific_kwargs=kwargs), steps)
 
 
 def test_schedules_are_transformers_own_curves():
