@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 from diffusers.utils.dynamic_modules_utils import get_relative_imports
 from hub_server import hub_environment, hub_fixture  # noqa: F401  (the `hub` fixture)
 from safetensors.torch import save_file
-from test_hub import NUM_CLASSES, run_child, snippet_of, tiny_pipeline, tiny_vae
+from test_hub import BLOCK_HFX, NUM_CLASSES, run_child, snippet_of, tiny_pipeline, tiny_vae
 
 import hfx
 from hfx.cli import main
@@ -66,15 +66,7 @@ def sample(pipe, classifier_scale: float) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ loading without hfx
-CHILD_NO_HFX = r"""
-import importlib.abc, json, sys
-
-class BlockHfx(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "hfx" or name.startswith("hfx."):
-            raise ImportError(f"importing {name} is blocked in this process")
-
-sys.meta_path.insert(0, BlockHfx())
+CHILD_NO_HFX = BLOCK_HFX + r"""
 import torch
 from diffusers import AutoModel as DiffusersAutoModel, DiffusionPipeline
 from safetensors.torch import load_file

@@ -238,7 +238,8 @@ def test_push_model_pipeline_adapter_then_load_by_repo_id_in_fresh_processes(hub
 
 
 # ------------------------------------------------------------------------------------------ remote code
-CHILD_NO_HFX = r"""
+# The start of a child script for a process where hfx cannot be imported (as on a machine without it).
+BLOCK_HFX = r"""
 import importlib.abc, json, sys
 
 class BlockHfx(importlib.abc.MetaPathFinder):
@@ -247,6 +248,9 @@ class BlockHfx(importlib.abc.MetaPathFinder):
             raise ImportError(f"importing {name} is blocked in this process")
 
 sys.meta_path.insert(0, BlockHfx())
+"""
+
+CHILD_NO_HFX = BLOCK_HFX + r"""
 try:
     import hfx  # noqa: F401
     raise SystemExit("the import hook did not block hfx")
