@@ -13,6 +13,8 @@ import sys
 # (config class path, {Auto class name: model class path}).
 AUTO_MODELS: list[tuple[str, dict[str, str]]] = [
     ("hfx.models.vae.configuration_vae:HfxVAEConfig", {"AutoModel": "hfx.models.vae.modeling_vae:HfxVAEModel"}),
+    ("hfx.models.lm.configuration_lm:HfxLMConfig", {"AutoModel": "hfx.models.lm.modeling_lm:HfxLMModel",
+                                                    "AutoModelForCausalLM": "hfx.models.lm.modeling_lm:HfxLMForCausalLM"}),
 ]
 
 # (pipeline class path, [paths of the hfx component classes its model_index.json may name]). diffusers finds a
