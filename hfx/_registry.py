@@ -28,6 +28,9 @@ PIPELINES: list[tuple[str, list[str]]] = [
      ["hfx.models.noisy_classifier.modeling_noisy_classifier:NoisyClassifier", "hfx.models.vae.modeling_vae:HfxVAEModel"]),
 ]
 
+# (model type, the model type whose peft default target modules it shares: it names its modules the same way).
+PEFT_DEFAULTS_LIKE: list[tuple[str, str]] = [("hfx_lm", "llama")]
+
 # Modules whose import registers something with a library that offers no registration API of its own
 # (peft's method tables) or that must sit in sys.modules before diffusers can load a component or a
 # pipeline saved by hfx (diffusers looks components up in sys.modules and never imports them).
@@ -139,3 +142,7 @@ def register_all() -> None:
         register_auto_model(_resolve(config_path), {auto: _resolve(path) for auto, path in models.items()})
     for pipeline_path, component_paths in PIPELINES:
         register_pipeline(_resolve(pipeline_path), [_resolve(path) for path in component_paths])
+    from hfx.peft._defaults import share_peft_defaults
+
+    for model_type, like in PEFT_DEFAULTS_LIKE:
+        share_peft_defaults(model_type, like)

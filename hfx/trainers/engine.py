@@ -302,11 +302,11 @@ class Trainer:
         if freeze is not None:
             self.callbacks.append(freeze.after_optimizers())
 
-        train_loader = self._loader(data.train, cfg.train.batch_size, data.collate_fn, shuffle=True)
+        train_loader = self._loader(data.train, cfg.train.batch_size, data.collate_fn, shuffle=data.shuffle, drop_last=True)
         eval_loader = None
         if data.eval is not None:
             eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
-            eval_loader = self._loader(data.eval, eval_bs, data.collate_fn, shuffle=False)
+            eval_loader = self._loader(data.eval, eval_bs, data.collate_fn, shuffle=False, drop_last=False)
         prepared = acc.prepare(*models.values(), *optimizers.values(), train_loader,
                                *([eval_loader] if eval_loader is not None else []))
         n_models, n_opts = len(models), len(optimizers)
@@ -434,11 +434,11 @@ class Trainer:
                     raise ValueError(f"model {member!r} is in optimizers {seen[member]!r} and {name!r}")
                 seen[member] = name
 
-    def _loader(self, dataset, batch_size: int, collate_fn, shuffle: bool):
+    def _loader(self, dataset, batch_size: int, collate_fn, shuffle: bool, drop_last: bool):
         # A private generator: creating an iterator draws a worker seed from it instead of the global RNG,
         # so where an epoch starts does not shift the RNG stream a resumed run must reproduce.
         return torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, collate_fn=collate_fn,
+            dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=collate_fn,
             num_workers=self.config.data.num_workers, generator=torch.Generator().manual_seed(self.config.seed),
         )
 

@@ -105,6 +105,11 @@ class HfxLMConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Checked by ``@strict`` at construction: each message names the field(s) and what is allowed."""
+        for name, kind in (("int", int), ("float", (int, float))):
+            for field in (_INTS if name == "int" else _FLOATS):
+                value = getattr(self, field)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                    raise ValueError(f"{field} must be {'an integer' if name == 'int' else 'a number'}, got {value!r}")
         _choice("position", self.position, tuple(POSITIONS))
         _choice("norm", self.norm, NORMS)
         _choice("norm_position", self.norm_position, NORM_POSITIONS)
@@ -139,6 +144,11 @@ class HfxLMConfig(PreTrainedConfig):
             raise ValueError(f"position='rope' needs an even head width, got head_dim={self.head_size}")
         if self.position == "sinusoidal" and self.hidden_size % 2:
             raise ValueError(f"position='sinusoidal' needs an even hidden_size, got {self.hidden_size}")
+        if self.position == "relative" and not (self.relative_attention_num_buckets >= 2 and
+                                                self.relative_attention_max_distance > self.relative_attention_num_buckets // 2):
+            raise ValueError("position='relative' needs relative_attention_num_buckets >= 2 and "
+                             "relative_attention_max_distance > relative_attention_num_buckets // 2, got "
+                             f"{self.relative_attention_num_buckets} and {self.relative_attention_max_distance}")
         if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
                              f"{self.num_experts}]")
@@ -156,6 +166,13 @@ class HfxLMConfig(PreTrainedConfig):
     def segment_length(self) -> int:
         """Tokens per segment when Transformer-XL memory is on."""
         return self.segment_len or self.max_position_embeddings
+
+
+_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "max_position_embeddings", "relative_attention_num_buckets",
+         "relative_attention_max_distance", "num_experts", "num_experts_per_tok", "mem_len", "segment_len")
+_FLOATS = ("rope_theta", "norm_eps", "attention_dropout", "hidden_dropout", "router_aux_loss_coef",
+           "router_z_loss_coef", "router_jitter_noise", "initializer_range")
 
 
 def _choice(name: str, value, allowed: tuple[str, ...]) -> None:

@@ -53,6 +53,9 @@ class TaskData:
     train: Any
     eval: Any | None = None
     collate_fn: Callable | None = None
+    #: False for data whose order is part of the method: the train loader then reads it in order (each
+    #: process its share of every global batch), e.g. Transformer-XL's batchified streams.
+    shuffle: bool = True
 
 
 class Task:
