@@ -186,3 +186,29 @@ def test_memory_with_prefix_tuning_is_refused(tmp_path, capsys):
     code = main(["train", "lm-stdlib", f"output_dir={tmp_path}", *TINY, "train.max_steps=1",
                  "task_options.model_options={mem_len: 16}", "peft={method: prefix_tuning, num_virtual_tokens: 2}"])
     assert code == 1 and "cannot hold" in capsys.readouterr().err
+
+
+def test_the_remote_code_export_loads_and_decodes_where_hfx_cannot_be_imported(trained, tmp_path):
+    from test_hub import BLOCK_HFX
+
+    from hfx.hub.export import export_remote_code
+
+    out = export_remote_code(trained["moe"] / "final", tmp_path / "exported")
+    child = BLOCK_HFX + r"""
+import torch
+from transformers import AutoModelForCausalLM
+folder = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+expected = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    assert torch.equal(model(torch.tensor(PROBE)).logits, expected)
+ids = torch.tensor(PROBE)
+greedy = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+assert torch.equal(model.generate(ids, **greedy), model.generate(ids, use_cache=False, **greedy))
+assert not [m for m in sys.modules if m == "hfx" or m.startswith("hfx.")]
+print("remote code OK", type(model).__module__)
+""".replace("PROBE", repr(PROBE))
+    done = subprocess.run([sys.executable, "-c", child, str(out), str(trained["moe"] / "final" / "expected_logits.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-800:]
+    assert "remote code OK transformers_modules" in done.stdout
