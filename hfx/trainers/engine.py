@@ -196,7 +196,10 @@ class Trainer:
             self.state.skipped_steps += 1
             return
         if cfg.max_grad_norm is not None:
-            window["grad_norm"] = acc.clip_grad_norm_(self._phase_params[phase], cfg.max_grad_norm)
+            norm = acc.clip_grad_norm_(self._phase_params[phase], cfg.max_grad_norm)
+            # FSDP2 returns the total norm as a replicated DTensor; the log window is reduced over processes
+            # with plain collectives, which have no DTensor sharding rule: take it as a plain tensor.
+            window["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         optimizer.step()
         if not optimizer.step_was_skipped and self._per_step_schedule:
             self.schedulers[phase].step()
@@ -570,9 +573,11 @@ class Trainer:
                         "log_window_samples": self._tick[1],
                         "last_eval": {"step": self._last_eval_step, "metrics": dict(self.last_eval)}},
                        tmp / ENGINE_STATE)
-            if self.ema:
-                save_file({f"{name}/{k}": v.contiguous() for name, ema in self.ema.items()
-                           for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+        if self.ema:  # full tensors, gathered on every process under FSDP (a collective), written by the main one
+            flat = {f"{name}/{k}": _full_tensor(v).contiguous() for name, ema in self.ema.items()
+                    for k, v in ema.state_dict().items()}
+            if acc.is_main_process:
+                save_file(flat, tmp / "ema.safetensors")
         acc.wait_for_everyone()
         final = tmp.with_name(f"checkpoint-{step}")
         if acc.is_main_process:
@@ -610,9 +615,12 @@ class Trainer:
             elif self.task.state_dict() is not None:
                 raise ResumeError(f"{path} holds no state of task {self.config.task!r} ({task_file.name})")
             if self.ema:
-                flat = load_file(str(path / "ema.safetensors"), device=str(acc.device))
+                # (safetensors refuses "cpu:0", the device accelerate's FSDP state names on the CPU)
+                device = "cpu" if acc.device.type == "cpu" else str(acc.device)
+                flat = load_file(str(path / "ema.safetensors"), device=device)
                 for name, ema in self.ema.items():
-                    ema.load_state_dict({k[len(name) + 1:]: v for k, v in flat.items() if k.startswith(name + "/")})
+                    ema.load_state_dict(_like_shadow(ema, {k[len(name) + 1:]: v for k, v in flat.items()
+                                                           if k.startswith(name + "/")}))
         except ResumeError:
             raise
         except Exception as err:  # unpicklable, truncated, or weights of another architecture
@@ -735,11 +743,26 @@ def _make_accelerator(cfg: TrainConfig, output_dir: Path):
     """The run's Accelerator. Processes started by a launcher (torchrun, ``accelerate launch``) on a machine
     without an accelerator device join one CPU process group (gloo) instead of each training alone; a launcher
     whose world size still differs from the Accelerator's is refused with the fix."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        DistributedType,
+        GradientAccumulationPlugin,
+        ProjectConfiguration,
+    )
 
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     cpu = launched > 1 and not _has_accelerator_device()
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and launched > 1 and (cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")):
+        # accelerate 1.15 turns an FSDP config into plain DDP (MULTI_CPU) on the CPU: its AcceleratorState takes
+        # the FSDP branch only for device types. torch's FSDP2 (fully_shard) runs on a CPU device mesh with gloo,
+        # so let the state take that branch: the process group is already the CPU one, and PartialState (whose
+        # type accelerate's collectives read) is put back to MULTI_CPU once the Accelerator exists.
+        cpu = True
+        partial = PartialState(cpu=True)
+        if partial.distributed_type == DistributedType.MULTI_CPU:
+            partial.distributed_type = DistributedType.MULTI_GPU
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=cfg.train.mixed_precision,
@@ -753,10 +776,22 @@ def _make_accelerator(cfg: TrainConfig, output_dir: Path):
         log_with=cfg.log.report_to or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+    if cpu and fsdp and PartialState().distributed_type == DistributedType.MULTI_GPU:
+        PartialState().distributed_type = DistributedType.MULTI_CPU
     if launched != accelerator.num_processes:
         raise ConfigError(f"the launcher started {launched} processes but accelerate set up {accelerator.num_processes} "
                           f"({accelerator.distributed_type}): each would train alone into one output_dir; on a machine "
                           "without GPUs set ACCELERATE_USE_CPU=1, or launch with --num_processes 1")
+    # accelerate falls back to plain DDP, silently, when it cannot set up what the launch config asks for
+    # (DeepSpeed on CPU processes): refuse rather than train something else than what was asked.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if fsdp and launched > 1 and accelerator.distributed_type != DistributedType.FSDP:
+        raise ConfigError(f"the accelerate config asks for FSDP but accelerate set up {accelerator.distributed_type}: "
+                          "the run would not be sharded; check the launch config (distributed_type: FSDP)")
+    if deepspeed and launched > 1 and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise ConfigError(f"the accelerate config asks for DeepSpeed but accelerate set up {accelerator.distributed_type} "
+                          f"(on {accelerator.device.type} processes accelerate runs no DeepSpeed): launch on GPUs, or use "
+                          "training/accelerate/fsdp-cpu.yaml or cpu-ddp.yaml on the CPU")
     return accelerator
 
 
@@ -797,6 +832,26 @@ def _set_epoch(loader, epoch: int) -> None:
             return
         node = getattr(node, "batch_sampler", None) or getattr(node, "sampler", None)
         seen += 1
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 (DTensor) parameter or shadow, gathered (all processes call this); a plain
+    tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _like_shadow(ema: EMA, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (full tensors, as checkpoints hold them) laid out as ``ema``'s shadows: under FSDP2 the shadows
+    are sharded DTensors, and each process takes its own shard of the saved tensor (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    out = dict(state)
+    for name, shadow in ema.shadow.items():
+        key = f"shadow.{name}"
+        if hasattr(shadow, "device_mesh") and key in out:
+            out[key] = distribute_tensor(out[key].to(shadow.device, shadow.dtype), shadow.device_mesh, shadow.placements,
+                                         src_data_rank=None)
+    return out
 
 
 def _plain_window(window: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
