@@ -98,6 +98,11 @@ def test_the_saved_model_serves_the_text_generation_pipeline(trained):
     generator = transformers.pipeline("text-generation", model=str(trained["xl-memory"] / "final"))
     text = generator("def main(", max_new_tokens=10, do_sample=False)[0]["generated_text"]
     assert text.startswith("def main(") and len(text) > len("def main(")
+    from test_hub import snippet_of
+
+    card = (trained["xl-memory"] / "final" / "README.md").read_text()
+    assert "Transformer-XL memory of 32 tokens" in card
+    exec(snippet_of(card), {})  # the card's load-and-generate snippet runs as written
 
 
 def test_xl_streams_each_row_continues_its_stream(tmp_path):

@@ -712,5 +712,7 @@ class HfxLMForCausalLM(HfxLMPreTrainedModel, GenerationMixin):
     @classmethod
     def hub_card_usage(cls, folder) -> str:
         """The model card's line that uses a loaded ``model`` (and its tokenizer) once."""
-        return ('inputs = tokenizer("def ", return_tensors="pt")\n'
+        return ("from transformers import AutoTokenizer\n\n"
+                "tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)  # saved with the model\n"
+                'inputs = tokenizer("def ", return_tensors="pt")\n'
                 "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40, do_sample=False)[0]))")
