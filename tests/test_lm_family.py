@@ -121,7 +121,9 @@ def test_cached_greedy_generate_equals_greedy_decoding_without_a_cache(options):
     assert torch.equal(cached, greedy_without_cache(model, prompt, 16))
     # and the eager attention path agrees with SDPA
     x = ids()
-    torch.testing.assert_close(model(x, output_attentions=True).logits, model(x).logits, rtol=0, atol=1e-5)
+    sdpa = model(x).logits
+    model.config._attn_implementation = "eager"
+    torch.testing.assert_close(model(x).logits, sdpa, rtol=0, atol=1e-5)
 
 
 def test_attention_maps_are_causal_distributions():
@@ -251,3 +253,39 @@ def test_auto_classes_load_it_and_save_load_keeps_logits(tmp_path):
     x = ids()
     torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
     assert type(transformers.AutoModel.from_pretrained(tmp_path)).__name__ == "HfxLMModel"
+
+
+# ------------------------------------------------------------------------------------------------ review fixes
+@pytest.mark.parametrize("options", [{"position": "relative"}, {"position": "relative", "mem_len": 8, "segment_len": 8}])
+def test_reentrant_gradient_checkpointing_gives_the_plain_gradients(options):
+    model, plain = tiny(**options).train(), tiny(**options).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    x = ids(length=16)
+    model(x, labels=x).loss.backward()
+    plain(x, labels=x).loss.backward()
+    for (name, a), b in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_xl_outputs_over_several_segments_keep_batch_position_order():
+    model = tiny(mem_len=12, segment_len=6, num_experts=4)
+    x = ids(length=12)
+    whole = model(x, output_router_logits=True, output_hidden_states=True)
+    first = model(x[:, :6], use_cache=True, output_router_logits=True)
+    second = model(x[:, 6:], past_key_values=first.past_key_values, output_router_logits=True)
+    for layer, (w, a, b) in enumerate(zip(whole.router_logits, first.router_logits, second.router_logits, strict=True)):
+        expected = torch.cat([a.view(2, 6, -1), b.view(2, 6, -1)], dim=1).flatten(0, 1)
+        torch.testing.assert_close(w, expected, rtol=0, atol=1e-5, msg=f"layer {layer}")
+    assert whole.hidden_states[0].shape == (2, 12, SIZES["hidden_size"])
+    with pytest.raises(ValueError, match="output_attentions with mem_len > 0 returns the maps of one segment"):
+        model(x, output_attentions=True)
+
+
+def test_caches_it_cannot_use_are_refused_by_name_and_1d_positions_work():
+    model = tiny()
+    prompt = ids(length=5)
+    with pytest.raises(ValueError, match="hfx_lm takes a DynamicCache"):
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, cache_implementation="static",
+                       pad_token_id=0)
+    x = ids(batch=1, length=10)
+    torch.testing.assert_close(model(x, position_ids=torch.arange(10)).logits, model(x).logits)

@@ -217,3 +217,15 @@ print("remote code OK", type(model).__module__)
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-800:]
     assert "remote code OK transformers_modules" in done.stdout
+
+
+def test_a_pretrained_models_config_fields_can_be_overridden(trained, tmp_path):
+    folder = trained["xl-memory"] / "final"
+    config = load_config("lm-stdlib", [*TINY, f"output_dir={tmp_path}", f"task_options.model={folder}",
+                                       "task_options.pretrained=true", f"task_options.tokenizer={folder}",
+                                       "task_options.model_options={mem_len: 0}", "train.max_steps=2",
+                                       "eval.every_steps=null"])
+    trainer = Trainer(config)
+    trainer.fit()
+    assert trainer.task.memory_on is False and trainer.unwrapped("model").config.mem_len == 0
+    assert trainer.task.stream is False  # blocks again, shuffled

@@ -55,6 +55,9 @@ class PositionEncoding(nn.Module):
     - :meth:`bias`: an additive bias on the attention scores from the query-key distance (ALiBi, T5).
     """
 
+    #: Multiplier of the token embeddings before :meth:`embed` is added.
+    embedding_scale: float = 1.0
+
     def __init__(self, config: HfxLMConfig):
         super().__init__()
         self.config = config
@@ -71,7 +74,14 @@ class PositionEncoding(nn.Module):
 
 
 class SinusoidalPositions(PositionEncoding):
-    """sin/cos of the position at geometrically spaced frequencies, added to the embeddings."""
+    """sin/cos of the position at geometrically spaced frequencies, added to the embeddings, which are
+    multiplied by sqrt(hidden_size) first, as in Vaswani et al. (section 3.4): the encoding's entries are of
+    order 1, initial embeddings' of order ``initializer_range``, and unscaled the position drowns the token
+    (measured: held-out perplexity 680 instead of about 100 after 300 steps of lm-stdlib)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embedding_scale = math.sqrt(config.hidden_size)
 
     def embed(self, position_ids, dtype):
         half = self.config.hidden_size // 2
@@ -349,7 +359,8 @@ class SparseMoE(nn.Module):
         b, n, h = x.shape
         flat = x.reshape(-1, h)
         router_input = flat
-        if self.training and self.jitter > 0:  # multiplicative jitter on what the router sees (Switch, Mixtral)
+        if self.training and self.jitter > 0:  # multiplicative jitter on what the router sees (Switch; Mixtral
+            # multiplies the experts' input too)
             router_input = flat * torch.empty_like(flat).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits = F.linear(router_input, self.gate.weight)
         probs = F.softmax(logits.float(), dim=-1)
@@ -415,6 +426,9 @@ class XLMemoryCache(Cache):
     def __repr__(self):
         return f"XLMemoryCache(mem_len={self.mem_len}, segment_len={self.segment_len}, seen={self.seen})"
 
+    def __len__(self) -> int:
+        return self.num_layers
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
@@ -430,6 +444,11 @@ class XLMemoryCache(Cache):
         states = states.detach()
         old = self.segment[layer]
         self.segment[layer] = states if old is None else torch.cat((old, states), dim=1)
+
+    def to(self, device) -> XLMemoryCache:
+        """Move the kept states to ``device`` (a resumed run's memory comes back on the CPU)."""
+        self._map(lambda t: t.to(device))
+        return self
 
     def advance(self, num_tokens: int) -> None:
         """After every layer appended ``num_tokens`` states: count them and close a full segment."""
@@ -550,11 +569,16 @@ class HfxLMModel(HfxLMPreTrainedModel):
     def _forward(self, embeds, attention_mask, position_ids, cache, use_cache, flags, collected):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        if cache is not None and (type(cache) is not DynamicCache or cache.is_compileable):
+            raise ValueError(f"hfx_lm takes a DynamicCache (or, with mem_len > 0, an XLMemoryCache), got "
+                             f"{type(cache).__name__}: leave generate()'s cache_implementation unset")
         past = cache.get_seq_length() if cache is not None else 0
         n = embeds.shape[1]
         if position_ids is None:
             position_ids = torch.arange(past, past + n, device=embeds.device)[None]
-        ctx = self._context(n, past + n, position_ids, None, attention_mask, embeds, flags["attentions"])
+        position_ids = position_ids.view(-1, n)  # (n,) -> (1, n)
+        def ctx():
+            return self._context(n, past + n, position_ids, None, attention_mask, embeds, flags["attentions"])
         hidden = self._embed(embeds, position_ids)
         for layer in self.layers:
             if flags["hidden_states"]:
@@ -571,13 +595,17 @@ class HfxLMModel(HfxLMPreTrainedModel):
                 raise ValueError(f"mem_len > 0 keeps its memory in an XLMemoryCache, got a filled {type(cache).__name__}")
             cache = XLMemoryCache(config.num_hidden_layers, config.mem_len, config.segment_length)
         outputs, start, total = [], 0, embeds.shape[1]
+        if flags["attentions"] and total > cache.segment_len - cache.open:
+            raise ValueError("output_attentions with mem_len > 0 returns the maps of one segment: pass at most "
+                             f"{cache.segment_len - cache.open} tokens (the rest of the open segment) per call")
         while start < total:
             n = min(total - start, cache.segment_len - cache.open)
             hidden = self.dropout(embeds[:, start:start + n])
             context = cache.context(0)
             keys = n + (0 if context is None else context.shape[1])
             positions = torch.arange(keys, device=embeds.device)
-            ctx = self._context(n, keys, positions[None, -n:], positions[None], None, embeds, flags["attentions"])
+            def ctx(n=n, keys=keys, positions=positions):
+                return self._context(n, keys, positions[None, -n:], positions[None], None, embeds, flags["attentions"])
             for i, layer in enumerate(self.layers):
                 if flags["hidden_states"]:
                     collected["hidden_states"].append(hidden)
@@ -587,17 +615,28 @@ class HfxLMModel(HfxLMPreTrainedModel):
             cache.advance(n)
             outputs.append(hidden)
             start += n
-        if len(outputs) > 1:  # per-chunk outputs of a long stream: give whole-sequence tensors
-            for key in ("hidden_states", "attentions", "router_logits"):
-                if collected[key] and key != "attentions":
-                    layers = len(collected[key]) // len(outputs)
-                    per_layer = [collected[key][c * layers + i] for i in range(layers) for c in range(len(outputs))]
-                    dim = 1 if key == "hidden_states" else 0
-                    collected[key] = [torch.cat(per_layer[i * len(outputs):(i + 1) * len(outputs)], dim=dim)
-                                      for i in range(layers)]
+        if len(outputs) > 1:  # per-chunk outputs of a long stream: whole-sequence tensors, per layer
+            b, chunks = embeds.shape[0], len(outputs)
+            for key in ("hidden_states", "router_logits"):
+                if collected[key]:
+                    layers = len(collected[key]) // chunks
+                    parts = [[collected[key][c * layers + i] for c in range(chunks)] for i in range(layers)]
+                    if key == "hidden_states":
+                        collected[key] = [torch.cat(p, dim=1) for p in parts]
+                    else:  # (B * n, E) per chunk -> (B * total, E) in (batch, position) order
+                        collected[key] = [torch.cat([t.view(b, -1, t.shape[-1]) for t in p], dim=1).flatten(0, 1)
+                                          for p in parts]
         return torch.cat(outputs, dim=1), cache
 
-    def _layer(self, layer, hidden, ctx, collected, flags, **kwargs):
+    def _layer(self, layer, hidden, make_ctx, collected, flags, **kwargs):
+        # One context per chunk, shared by the layers; a layer that recomputes its forward in the backward pass
+        # (gradient checkpointing) gets its own, so no graph (T5's learned bias) is walked twice.
+        if self.gradient_checkpointing and self.training:
+            ctx = make_ctx()
+        else:
+            if getattr(make_ctx, "built", None) is None:
+                make_ctx.built = make_ctx()
+            ctx = make_ctx.built
         hidden, weights, router_logits = layer(hidden, ctx, **kwargs)
         if flags["attentions"]:
             collected["attentions"].append(weights)
@@ -607,7 +646,7 @@ class HfxLMModel(HfxLMPreTrainedModel):
 
     def _embed(self, embeds, position_ids):
         added = self.position.embed(position_ids, embeds.dtype)
-        return self.dropout(embeds if added is None else embeds + added)
+        return self.dropout(embeds if added is None else embeds * self.position.embedding_scale + added)
 
     def _context(self, num_queries, num_keys, query_positions, key_positions, attention_mask, embeds,
                  output_attentions) -> AttentionContext:

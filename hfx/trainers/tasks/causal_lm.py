@@ -87,13 +87,13 @@ class CausalLMTask(Task):
         self.stream = self.memory_on if opts.stream is None else opts.stream
         self._check_memory_options()
         processes = self.accelerator.num_processes
-        rows = {cfg.train_split: self.config.train.batch_size * processes,
-                cfg.eval_split: (self.config.train.eval_batch_size or self.config.train.batch_size) * processes}
-        cut = (lambda split: self._streams(dataset[split], rows[split])) if self.stream else \
-            (lambda split: self._blocks(dataset[split]))
-        train = cut(cfg.train_split)
-        eval_split = cut(cfg.eval_split) if cfg.eval_split is not None else None
-        unit = f"{rows[cfg.train_split]} streams of block_size" if self.stream else "block_size"
+        train_rows = self.config.train.batch_size * processes
+        eval_rows = (self.config.train.eval_batch_size or self.config.train.batch_size) * processes
+        cut = (lambda split, rows: self._streams(dataset[split], rows)) if self.stream else \
+            (lambda split, rows: self._blocks(dataset[split]))
+        train = cut(cfg.train_split, train_rows)
+        eval_split = cut(cfg.eval_split, eval_rows) if cfg.eval_split is not None else None
+        unit = f"{train_rows} streams of block_size" if self.stream else "block_size"
         if len(train) == 0:
             raise ConfigError(f"the train split holds fewer than {unit}={opts.block_size} tokens")
         if eval_split is not None and len(eval_split) == 0:
@@ -171,8 +171,13 @@ class CausalLMTask(Task):
         from huggingface_hub.errors import StrictDataclassError
 
         opts, tok = self.options, self.tokenizer
-        if self._pretrained():
-            return transformers.AutoConfig.from_pretrained(opts.model)
+        if self._pretrained():  # model_options that are config fields change the config (mem_len: 0, ...)
+            config = transformers.AutoConfig.from_pretrained(opts.model)
+            fields = {k: v for k, v in opts.model_options.items() if hasattr(config, k) and k not in _LOADING}
+            try:
+                return transformers.AutoConfig.from_pretrained(opts.model, **fields) if fields else config
+            except StrictDataclassError as err:
+                raise ConfigError(f"task_options.model_options: {_reason(err)}") from None
         special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
         options = {"max_position_embeddings": opts.block_size, **special, **opts.model_options}
         if opts.model_options.get("mem_len"):
@@ -180,9 +185,7 @@ class CausalLMTask(Task):
         try:
             return transformers.AutoConfig.for_model(opts.model, vocab_size=len(tok), **options)
         except StrictDataclassError as err:  # hfx's configs: the last line names the field and what is allowed
-            reason = str(err).strip().splitlines()[-1].strip()
-            reason = reason.split(": ", 1)[1] if reason.split(": ", 1)[0] in ("ValueError", "TypeError") else reason
-            raise ConfigError(f"task_options.model_options: {reason}") from None
+            raise ConfigError(f"task_options.model_options: {_reason(err)}") from None
         except (TypeError, ValueError) as err:
             if opts.model not in transformers.models.auto.configuration_auto.CONFIG_MAPPING:
                 raise ConfigError(f"task_options.model {opts.model!r} is not a transformers model type "
@@ -194,7 +197,9 @@ class CausalLMTask(Task):
 
         opts, tok = self.options, self.tokenizer
         if self._pretrained():
-            model = transformers.AutoModelForCausalLM.from_pretrained(opts.model, **opts.model_options)
+            loading = {k: v for k, v in opts.model_options.items()
+                       if not hasattr(self.model_config, k) or k in _LOADING}
+            model = transformers.AutoModelForCausalLM.from_pretrained(opts.model, config=self.model_config, **loading)
             if model.get_input_embeddings().num_embeddings < len(tok):
                 model.resize_token_embeddings(len(tok))
             return {"model": model}
@@ -225,7 +230,8 @@ class CausalLMTask(Task):
         from hfx.models.lm import XLMemoryCache
 
         self.memory_epoch = state["epoch"]
-        self.memory = None if state["memory"] is None else XLMemoryCache.from_state_dict(state["memory"])
+        memory = state["memory"]  # loaded onto the CPU: back to where the model is
+        self.memory = None if memory is None else XLMemoryCache.from_state_dict(memory).to(self.accelerator.device)
 
     @torch.no_grad()
     def evaluate(self, models, loader, state) -> dict[str, float]:
@@ -263,6 +269,16 @@ class CausalLMTask(Task):
             described = " (" + ", ".join(parts) + ")"
         return {"summary": f"A `{self.options.model}` causal language model{described} trained on "
                            f"`{self.config.data.dataset}` with {self.options.block_size}-token blocks; tokenizer: {trained}."}
+
+
+#: ``from_pretrained`` arguments that are also config attributes but say how to load, not what to build.
+_LOADING = ("dtype", "torch_dtype", "attn_implementation", "device_map", "revision", "trust_remote_code")
+
+
+def _reason(err: Exception) -> str:
+    """The last line of a strict config's validation error (it names the field and what is allowed)."""
+    reason = str(err).strip().splitlines()[-1].strip()
+    return reason.split(": ", 1)[1] if reason.split(": ", 1)[0] in ("ValueError", "TypeError") else reason
 
 
 class StreamBlocks(torch.utils.data.Dataset):
