@@ -75,13 +75,14 @@ class PositionEncoding(nn.Module):
 
 class SinusoidalPositions(PositionEncoding):
     """sin/cos of the position at geometrically spaced frequencies, added to the embeddings, which are
-    multiplied by sqrt(hidden_size) first, as in Vaswani et al. (section 3.4): the encoding's entries are of
-    order 1, initial embeddings' of order ``initializer_range``, and unscaled the position drowns the token
-    (measured: held-out perplexity 680 instead of about 100 after 300 steps of lm-stdlib)."""
+    multiplied by 1 / initializer_range first: as in Vaswani et al. (section 3.4, embeddings initialised with
+    standard deviation d^-1/2 and multiplied by d^1/2), token and position then start at the same scale
+    (entries of order 1). Unscaled, the position drowns the token (measured on lm-stdlib at 300 steps:
+    held-out perplexity 680; with the paper's sqrt(d) on this initialisation, 210; the other encodings, 80-100)."""
 
     def __init__(self, config):
         super().__init__(config)
-        self.embedding_scale = math.sqrt(config.hidden_size)
+        self.embedding_scale = 1.0 / config.initializer_range
 
     def embed(self, position_ids, dtype):
         half = self.config.hidden_size // 2
