@@ -54,6 +54,8 @@ MOE = {
     "dense-1536 (equal total)": {"intermediate_size": 1536},
     "moe-8x192-top2 aux 0.01": {"intermediate_size": 192, "num_experts": 8, "num_experts_per_tok": 2,
                                 "router_aux_loss_coef": 0.01},
+    "moe-8x192-top2 aux 0.1": {"intermediate_size": 192, "num_experts": 8, "num_experts_per_tok": 2,
+                               "router_aux_loss_coef": 0.1},
     "moe-8x192-top2 no aux": {"intermediate_size": 192, "num_experts": 8, "num_experts_per_tok": 2,
                               "router_aux_loss_coef": 0.0},
 }

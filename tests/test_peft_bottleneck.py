@@ -157,7 +157,7 @@ _BERT_LIKE = ("encoder.layer.{i}.attention.output.dense", "encoder.layer.{i}.out
 # model type -> (tiny config, the attention output and feed-forward output of layer i, written out by hand)
 ARCHITECTURES = {
     **{t: (_DECODER, _LLAMA_LIKE) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2",
-                                            "phi3")},
+                                            "phi3", "hfx_lm")},
     "gpt2": (dict(n_embd=16, n_layer=LAYERS, n_head=2, **_TOKENS), ("h.{i}.attn.c_proj", "h.{i}.mlp.c_proj")),
     "gpt_neox": (dict(_ENCODER, **_TOKENS), ("layers.{i}.attention.dense", "layers.{i}.mlp.dense_4h_to_h")),
     "opt": (dict(hidden_size=16, ffn_dim=32, num_hidden_layers=LAYERS, num_attention_heads=2, word_embed_proj_dim=16,
