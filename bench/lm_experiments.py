@@ -9,7 +9,7 @@ tokens. Held-out text is the recipe's ``test`` split (files hashed out of traini
 Parts (``--part``):
 
 - ``extrapolation``: trained at 128 tokens, perplexity on non-overlapping held-out windows of 128 / 256 / 512 /
-  1024 tokens (every token of a window scored; the same 16k tokens at every length), for each ``position``.
+  1024 tokens (every prediction inside a window scored; the same 16k tokens at every length), for each ``position``.
   ``learned`` gets a 1,024-row table of which training reaches only the first 128 rows (with 128 rows it refuses
   longer inputs: that is the other possible answer).
 - ``moe``: 8 experts top-2 (expert MLP 192, so 384 active MLP units like the dense base) with the load-balancing
@@ -139,8 +139,9 @@ def part_extrapolation(out, seeds, steps):
 
 @torch.no_grad()
 def routing(model, stream) -> list[list[float]]:
-    """Per layer, the share of top-k assignments that each expert receives on the held-out stream."""
-    out = model(stream[None, :4096], output_router_logits=True)
+    """Per layer, the share of top-k assignments that each expert receives on 4,096 held-out tokens, read as
+    the model was trained: 128-token windows."""
+    out = model(stream[:4096].view(-1, 128), output_router_logits=True)
     k = model.config.num_experts_per_tok
     shares = []
     for logits in out.router_logits:
@@ -163,6 +164,8 @@ def part_moe(out, seeds, steps):
                    "parameters": params, "train_seconds": round(seconds, 1), "steps": steps}
             if options.get("num_experts"):
                 row["routing"] = routing(model, stream)
+                with torch.no_grad():  # the balancing loss's own value: 2 (= top-k) when probabilities are flat
+                    row["aux_loss_held_out"] = float(model(stream[:4096].view(-1, 128)).aux_loss)
             record(out, row)
 
 
@@ -292,11 +295,16 @@ def report(out: Path) -> None:
     print("| position | " + " | ".join(f"ppl @ {n}" for n in LENGTHS) + " | seeds |\n|---|" + "---|" * (len(LENGTHS) + 1))
     for variant, rs in by("extrapolation").items():
         print(f"| {variant} | " + " | ".join(pm([r["perplexity"][str(n)] for r in rs]) for n in LENGTHS) + f" | {len(rs)} |")
-    print("\n| MoE variant | parameters | held-out ppl @128 | max expert share (mean over layers) | seeds |\n|---|---|---|---|---|")
+    print("\n| MoE variant | parameters | held-out ppl @128 | max expert share (mean over layers) | experts < 1 % "
+          "(of 32) | balancing loss held out | seeds |\n|---|---|---|---|---|---|---|")
     for variant, rs in by("moe").items():
-        share = [statistics.mean(max(layer) for layer in r["routing"]) for r in rs if "routing" in r]
+        routed = [r for r in rs if "routing" in r]
+        share = [statistics.mean(max(layer) for layer in r["routing"]) for r in routed]
+        dead = [sum(v < 0.01 for layer in r["routing"] for v in layer) for r in routed]
+        aux = [r["aux_loss_held_out"] for r in routed]
         print(f"| {variant} | {rs[0]['parameters']:,} | {pm([r['perplexity'] for r in rs])} | "
-              f"{pm([100 * s for s in share]) + ' %' if share else '-'} | {len(rs)} |")
+              f"{pm([100 * s for s in share]) + ' %' if share else '-'} | {' / '.join(map(str, dead)) or '-'} | "
+              f"{' / '.join(f'{a:.3f}' for a in aux) or '-'} | {len(rs)} |")
     print("\n| Transformer-XL | held-out ppl (same scored tokens) | seeds |\n|---|---|---|")
     for variant, rs in by("xl").items():
         print(f"| {variant} | {pm([r['perplexity'] for r in rs])} | {len(rs)} |")
