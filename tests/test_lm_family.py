@@ -289,3 +289,14 @@ def test_caches_it_cannot_use_are_refused_by_name_and_1d_positions_work():
                        pad_token_id=0)
     x = ids(batch=1, length=10)
     torch.testing.assert_close(model(x, position_ids=torch.arange(10)).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_peft_ln_tuning_finds_the_norms(norm_position):
+    import peft
+
+    model = peft.get_peft_model(tiny(norm="layernorm", norm_position=norm_position), peft.LNTuningConfig(task_type="CAUSAL_LM"))
+    x = ids()
+    model(input_ids=x, labels=x).loss.backward()
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all("norm" in n for n in trained)  # only the norms train

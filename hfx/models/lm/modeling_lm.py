@@ -523,8 +523,8 @@ class HfxLMModel(HfxLMPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position = POSITION_ENCODINGS[config.position](config)
         self.layers = nn.ModuleList(HfxLMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = NORMS[config.norm](config.hidden_size, eps=config.norm_eps) if config.norm_position == "pre" \
-            else nn.Identity()
+        # Post-norm ends on a norm already; no module named `norm` then (peft's LN tuning targets that name).
+        self.norm = NORMS[config.norm](config.hidden_size, eps=config.norm_eps) if config.norm_position == "pre" else None
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.gradient_checkpointing = False
         self.post_init()
@@ -557,7 +557,7 @@ class HfxLMModel(HfxLMPreTrainedModel):
         else:
             hidden, cache = self._forward(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache,
                                           flags, collected)
-        hidden = self.norm(hidden)
+        hidden = hidden if self.norm is None else self.norm(hidden)
         if flags["hidden_states"]:
             collected["hidden_states"].append(hidden)
         out = MoeModelOutputWithPast(
