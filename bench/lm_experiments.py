@@ -280,6 +280,8 @@ def part_speed(out, rounds=7):
 
 
 def report(out: Path) -> None:
+    if not (out / "results.jsonl").is_file():
+        raise SystemExit(f"no results in {out}: run the parts first (see --help)")
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
     def by(part):
@@ -344,8 +346,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", nargs="+", default=["extrapolation", "moe", "xl", "gqa"],
                         choices=["extrapolation", "moe", "xl", "gqa", "speed"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, default=600)
+    from hfx.cli import _non_negative_int, _positive_int
+
+    parser.add_argument("--seeds", type=_non_negative_int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=_positive_int, default=600)
     parser.add_argument("--out", type=Path, default=Path("outputs/lm_experiments"))
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
