@@ -1,11 +1,13 @@
-"""Datasets that exist on every machine, with no download: the sklearn digits and the Python stdlib.
+"""Datasets that exist on every machine, with no download: the sklearn digits and the Python stdlib
+(its source text, and its docstrings labelled by package).
 
-Both return a :class:`datasets.DatasetDict` with deterministic ``train`` and ``test`` splits, so a recipe
+All return a :class:`datasets.DatasetDict` with deterministic ``train`` and ``test`` splits, so a recipe
 run anywhere sees the same examples in the same splits.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import sys
 import sysconfig
@@ -158,7 +160,96 @@ def _chunks(text: str, chunk_chars: int | None) -> list[str]:
     return pieces
 
 
-BUILTIN_DATASETS = {"digits": digits, "stdlib-text": stdlib_text}
+#: The ten stdlib packages of ``stdlib-docstrings``: the largest pure-Python packages that every CPython 3.10+
+#: ships in its core (tkinter / idlelib / turtle are left out: some distributions package them apart; distutils
+#: is gone from 3.12).
+DOCSTRING_PACKAGES = ("asyncio", "email", "importlib", "logging", "xml", "multiprocessing", "unittest", "http",
+                      "urllib", "wsgiref")
+
+
+def stdlib_docstrings(packages: list[str] | tuple[str, ...] = DOCSTRING_PACKAGES, min_chars: int = 40,
+                      test_percent: float = 20.0) -> datasets.DatasetDict:
+    """Real labelled text: the docstrings of the standard library's modules, classes and functions, each
+    labelled by the top-level package it is in (a 10-way text classification task by default).
+
+    Docstrings are read with :mod:`ast` (nothing is imported) and cleaned with :func:`inspect.cleandoc`. A
+    text that occurs in two packages is dropped (it cannot be classified); repeats within a package are kept
+    once. A docstring's split depends only on a hash of its text, so the same text is in the same split
+    on every machine and in every Python version that has it.
+
+    Args:
+        packages: the top-level stdlib packages (folders) that are the classes, in label order.
+        min_chars: drop docstrings shorter than this (``"Return self."``).
+        test_percent: share of the docstrings held out as ``test``.
+
+    Returns:
+        ``DatasetDict(train, test)`` with columns ``text``, ``label`` (``ClassLabel`` named by the packages)
+        and ``source`` (``path:qualified name``), sorted by source. The Python version and each split's
+        label counts are in its ``info.description``.
+    """
+    if isinstance(packages, str) or not packages or not all(isinstance(p, str) for p in packages):
+        raise ValueError(f"packages must be a list of stdlib package names, got {packages!r}")
+    if len(set(packages)) != len(packages):
+        raise ValueError(f"packages lists a package twice: {list(packages)}")
+    if not isinstance(min_chars, int) or min_chars < 1:
+        raise ValueError(f"min_chars must be a positive int, got {min_chars!r}")
+    if not 0.0 < test_percent < 100.0:
+        raise ValueError(f"test_percent must be in (0, 100), got {test_percent}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    missing = [p for p in packages if not (root / p / "__init__.py").is_file()]
+    if missing:
+        raise ValueError(f"packages {missing} are not packages of this Python's standard library ({root})")
+    found: dict[str, dict[str, str]] = {}  # text -> {package: first source}
+    for path in stdlib_files():
+        rel = path.relative_to(root)
+        if rel.parts[0] not in packages:
+            continue
+        try:
+            with tokenize.open(path) as handle:
+                tree = ast.parse(handle.read())
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for qualname, text in _docstrings(tree):
+            if len(text) >= min_chars:
+                found.setdefault(text, {}).setdefault(rel.parts[0], f"{rel.as_posix()}:{qualname}")
+    rows = {"train": [], "test": []}
+    for text, where in found.items():
+        if len(where) == 1:
+            (package, source), = where.items()
+            bucket = int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) % 10_000
+            rows["test" if bucket < test_percent * 100 else "train"].append((source, text, packages.index(package)))
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(packages)),
+                                  "source": datasets.Value("string")})
+    version = ".".join(map(str, sys.version_info[:3]))
+    splits = {}
+    for name, items in rows.items():
+        items.sort()
+        counts = np.bincount([label for _, _, label in items], minlength=len(packages))
+        described = ", ".join(f"{p} {n}" for p, n in zip(packages, counts))
+        info = datasets.DatasetInfo(description=f"CPython {version} standard library docstrings by package: {described}",
+                                    features=features)
+        splits[name] = datasets.Dataset.from_dict({"text": [t for _, t, _ in items], "label": [la for _, _, la in items],
+                                                   "source": [s for s, _, _ in items]}, features=features, info=info)
+    return datasets.DatasetDict(splits)
+
+
+def _docstrings(tree: ast.Module):
+    """(qualified name, cleaned docstring) of the module and of every class and function in it."""
+    import inspect
+
+    stack = [("<module>", tree)]
+    while stack:
+        name, node = stack.pop()
+        doc = ast.get_docstring(node, clean=False)
+        if doc:
+            yield name, inspect.cleandoc(doc)
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                prefix = "" if name == "<module>" else name + "."
+                stack.append((prefix + child.name, child))
+
+
+BUILTIN_DATASETS = {"digits": digits, "stdlib-text": stdlib_text, "stdlib-docstrings": stdlib_docstrings}
 
 
 def builtin_dataset(name: str, **options) -> datasets.DatasetDict:
