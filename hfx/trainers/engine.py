@@ -730,6 +730,7 @@ class Trainer:
                 unwrapped = {name: self.unwrapped(name) for name in self.models}
                 if self.peft is not None:  # final/ holds the adapter (and the base the task saved before training)
                     self.peft.save(unwrapped, state_dicts, tmp)
+                    self.task.save_preprocessing(tmp)  # the tokenizer beside the adapter, as peft's examples save it
                 else:
                     self.task.save(unwrapped, state_dicts, tmp)
                 if final.exists():

@@ -121,6 +121,11 @@ class Task:
         save those (:func:`with_weights` makes a model that holds them)."""
         raise NotImplementedError
 
+    def save_preprocessing(self, output_dir: Path) -> None:
+        """Write what turns raw inputs into model inputs (a tokenizer, an image processor) into ``output_dir``.
+        The engine calls it beside a peft adapter in ``final/`` (where :meth:`save` is not called); a task's
+        :meth:`save` calls it for its own artifact. Nothing by default."""
+
     def state_dict(self) -> dict[str, Any] | None:
         """What the task keeps between steps (tensors, numbers, strings, lists, dicts), or None. Saved for
         every process in every checkpoint (``task_state_<process>.pt``)."""
