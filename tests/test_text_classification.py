@@ -159,6 +159,12 @@ def test_minilm_recipes_train_and_reload_on_a_fresh_base_in_a_fresh_process(reci
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = "sentence-transformers/all-MiniLM-L6-v2" if adapter else "True"
     assert expected in proc.stdout
+    # the model card's load snippet runs as written and prints a label per text
+    card = (final / "README.md").read_text()
+    snippet = card.split("## How to load it", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    run = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
+                         env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0 and any(name in run.stdout for name in DOCSTRING_PACKAGES), run.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------- the seeds' recipes, tiny base
@@ -330,3 +336,40 @@ def test_one_base_serves_several_adapters_hot_swapped_by_name_from_folders_and_r
     with model.disable_adapter():  # the base alone: neither adapter
         plain = probe_logits(model, tokenizer)
     assert not torch.allclose(plain, expected["docs-a"]) and not torch.allclose(plain, expected["docs-b"])
+
+
+# --------------------------------------------------------------------------------------- quantization
+def test_dynamic_int8_saves_as_safetensors_and_reloads_exactly_in_a_fresh_process(tiny_bert, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hfx.models.quantization import load_quantized, quantize_dynamic_int8, save_quantized
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=10).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    quantized = quantize_dynamic_int8(model)
+    full, int8 = probe_logits(model, tokenizer), probe_logits(quantized, tokenizer)
+    assert not torch.equal(full, int8) and torch.allclose(full, int8, atol=0.05)  # int8 changes the numbers a little
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, torch.nn.Linear)  # the original is untouched
+    save_quantized(quantized, tmp_path / "int8")
+    tokenizer.save_pretrained(tmp_path / "int8")
+    torch.save(int8, tmp_path / "expected.pt")
+    with safe_open(tmp_path / "int8" / "model.safetensors", "pt") as handle:
+        assert handle.get_tensor("bert.encoder.layer.0.attention.self.query.weight_int8").dtype == torch.int8
+    child = r"""
+import sys, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from hfx.models.quantization import load_quantized
+folder, texts = sys.argv[1], sys.argv[3:]
+model = load_quantized(folder, AutoModelForSequenceClassification)
+batch = AutoTokenizer.from_pretrained(folder)(texts, padding=True, truncation=True, max_length=24, return_tensors="pt")
+with torch.no_grad():
+    assert torch.equal(model(**batch).logits, torch.load(sys.argv[2], weights_only=True))
+print("same")
+"""
+    proc = subprocess.run([sys.executable, "-c", child, str(tmp_path / "int8"), str(tmp_path / "expected.pt"), *TEXTS],
+                          capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0 and "same" in proc.stdout, proc.stderr[-2000:]
+    with pytest.raises(ValueError, match="no quantized model"):
+        load_quantized(tiny_bert, AutoModelForSequenceClassification)

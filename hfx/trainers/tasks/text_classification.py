@@ -306,8 +306,31 @@ class TextClassificationTask(Task):
             cut = f", cut to layers {opts.student_layers}" if opts.student_layers else ""
             student = (f" Distilled from the teacher `{opts.teacher}` (temperature {opts.temperature}, soft-target weight "
                        f"{opts.distill_alpha}); student: `{opts.model}`{cut}{', random init' if opts.from_scratch else ''}.")
-        return {"summary": f"`{self.options.model}` fine-tuned on `{self.config.data.dataset}` to label texts (at most "
+        return {"load_snippet": self._load_snippet(), "summary": f"`{self.options.model}` fine-tuned on `{self.config.data.dataset}` to label texts (at most "
                            f"{self.options.max_length} tokens) as one of {len(self.label_names)} classes: {labels}.{student}"}
+
+
+    def _load_snippet(self) -> str:
+        """The card's snippet (``REPO_OR_PATH`` is the artifact): a pipeline for a model; for an adapter, its base
+        with the same labels (found offline when it is a packaged checkpoint), the adapter, one prediction."""
+        example = 'texts = ["Return the running event loop in the current OS thread."]'
+        if self.config.peft is None:
+            return "\n".join(["from transformers import pipeline", "",
+                              'classifier = pipeline("text-classification", model="REPO_OR_PATH")', example,
+                              "print(classifier(texts))"])
+        labels = dict(enumerate(self.label_names))
+        return "\n".join([
+            "import hfx  # registers hfx's PEFT methods (ReLoRA, bottleneck adapters)",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+            "from hfx.models import resolve_pretrained  # a packaged base (all-MiniLM-L6-v2) loads offline", "",
+            f"id2label = {labels!r}",
+            f'base = AutoModelForSequenceClassification.from_pretrained(resolve_pretrained("{self.options.model}"), '
+            "id2label=id2label)",
+            'model = PeftModel.from_pretrained(base, "REPO_OR_PATH").eval()',
+            'tokenizer = AutoTokenizer.from_pretrained("REPO_OR_PATH")', example,
+            "logits = model(**tokenizer(texts, padding=True, truncation=True, return_tensors=\"pt\")).logits",
+            "print([id2label[i] for i in logits.argmax(-1).tolist()])"])
 
 
 def keep_layers(model: torch.nn.Module, layers: list[int]) -> None:
