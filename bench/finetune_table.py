@@ -15,10 +15,18 @@ Parts (``--part``):
   (after 3 warm-up steps), peak RSS of that process, and inference latency of the trained seed-0 artifact on
   a batch of 16 test texts, after ``merge_and_unload()`` where the method can merge (LoRA, ReLoRA, IA3) and
   unmerged where it cannot (prefix / prompt tuning, bottleneck adapters). RUN IT ALONE on the machine.
-- ``--report`` prints the markdown table of bench/RESULTS.md.
+- ``sweep``: full fine-tuning at learning rates 3e-5 and 3e-4 (seed 0), beside the table's 1e-4.
+- ``distill``: students of 3 layers (layers 0, 2, 4 of 6) trained for the same 250 steps: initialised from the
+  fine-tuned teacher (the ``full`` row's artifact of the same seed) with soft targets (T = 2, weight 0.5) or with
+  the labels alone, and from scratch with soft targets. Load-insensitive, like ``train``.
+- ``quant``: post-training dynamic int8 (:mod:`hfx.models.quantization`) of the seed-0 teacher and KD student:
+  test accuracy before and after, saved as safetensors and reloaded (logits checked equal), and the latency of
+  fp32 vs int8 on 16 test texts. Run it alone (latency).
+- ``--report`` prints the markdown tables of bench/RESULTS.md.
 
     OMP_NUM_THREADS=1 nohup .venv/bin/python bench/finetune_table.py --part train > outputs/finetune.log 2>&1 &
-    OMP_NUM_THREADS=1 .venv/bin/python bench/finetune_table.py --part speed     # alone
+    OMP_NUM_THREADS=1 nohup .venv/bin/python bench/finetune_table.py --part distill >> outputs/finetune.log 2>&1 &
+    OMP_NUM_THREADS=1 .venv/bin/python bench/finetune_table.py --part speed quant     # alone
     .venv/bin/python bench/finetune_table.py --report
 """
 
@@ -60,11 +68,21 @@ ROWS: dict[str, tuple[list[str], str]] = {
                            "Houlsby, 2 per layer, width 32"),
 }
 SEEDS = [0, 1]
+#: the learning rate of full fine-tuning, seed 0 (the table's full row uses 1e-4).
+SWEEP: dict[str, list[str]] = {f"full lr {lr}": [f"optimizer.lr={lr}"] for lr in ("3e-5", "3e-4")}
+#: distillation row -> overrides (``{teacher}``: the full row's final/ of the same seed).
+STUDENT = ["task_options.model={teacher}", "task_options.student_layers=[0, 2, 4]"]
+DISTILL: dict[str, list[str]] = {
+    "3-layer student from the teacher, soft targets": [*STUDENT, "task_options.teacher={teacher}", "optimizer.lr=1e-4"],
+    "3-layer student from the teacher, labels only": [*STUDENT, "optimizer.lr=1e-4"],
+    "3-layer student from scratch, soft targets": [*STUDENT, "task_options.from_scratch=true",
+                                                   "task_options.teacher={teacher}", "optimizer.lr=5e-4"],
+}
 MERGEABLE = ("lora", "relora", "ia3")
 
 
 def run_dir(out: Path, row: str, seed: int) -> Path:
-    return out / f"{row.replace(' ', '_').replace('=', '').replace('-', '')}-seed{seed}"
+    return out / f"{row.replace(' ', '_').replace('=', '').replace('-', '').replace(',', '')}-seed{seed}"
 
 
 def done(out: Path) -> set[tuple[str, str, int]]:
@@ -80,8 +98,8 @@ def record(out: Path, row: dict) -> None:
     print(json.dumps(row), flush=True)
 
 
-def train_row(out: Path, row: str, seed: int) -> dict:
-    overrides, _ = ROWS[row]
+def train_row(out: Path, row: str, seed: int, overrides: list[str] | None = None, part: str = "train") -> dict:
+    overrides = ROWS[row][0] if overrides is None else overrides
     folder = run_dir(out, row, seed)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "hfx", "train", "--threads", "1", RECIPE, f"output_dir={folder}", f"seed={seed}",
@@ -97,8 +115,8 @@ def train_row(out: Path, row: str, seed: int) -> dict:
     results = json.loads((folder / "results.json").read_text())
     final = folder / "final"
     weights = next(p for p in (final / "adapter_model.safetensors", final / "model.safetensors") if p.is_file())
-    trainable, total = count_parameters(row)
-    return {"part": "train", "row": row, "seed": seed, "accuracy": results["eval/accuracy"],
+    trainable, total = count_parameters(row) if part == "train" else (None, None)
+    return {"part": part, "row": row, "seed": seed, "accuracy": results["eval/accuracy"],
             "macro_f1": results["eval/macro_f1"], "trainable": trainable, "total": total,
             "weights_bytes": weights.stat().st_size, "wall_s": time.perf_counter() - start,
             "train_s": results["train_seconds"]}
@@ -205,6 +223,60 @@ def inference_latency(out: Path, row: str, task, data) -> tuple[float, bool]:
     return statistics.median(times), merged
 
 
+def quant_rows(out: Path) -> list[dict]:
+    """Accuracy and latency of the seed-0 teacher and KD student, fp32 and dynamic int8 (saved and reloaded)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from hfx.models.quantization import load_quantized, quantize_dynamic_int8, save_quantized
+
+    torch.set_num_threads(1)
+    _, task, data, _ = build("full")
+    student = next(iter(DISTILL))
+    rows = []
+    for name, folder in (("teacher (6 layers, full fine-tuning)", run_dir(out, "full", 0) / "final"),
+                         ("student (3 layers, soft targets)", run_dir(out, student, 0) / "final")):
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        int8 = quantize_dynamic_int8(model)
+        saved = out / "int8" / folder.parent.name
+        save_quantized(int8, saved)
+        reloaded = load_quantized(saved, AutoModelForSequenceClassification)
+        batch = data.collate_fn([data.eval[i] for i in range(16)])
+        with torch.no_grad():
+            same = torch.equal(int8(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                               reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+        size = sum(p.stat().st_size for p in saved.glob("*.safetensors"))
+        for kind, m, bytes_ in (("fp32", model, (folder / "model.safetensors").stat().st_size), ("int8", reloaded, size)):
+            rows.append({"part": "quant", "row": f"{name} {kind}", "seed": 0, "accuracy": accuracy(m, data),
+                         "latency_s": latency(m, batch), "weights_bytes": bytes_, "reload_equal": same})
+    return rows
+
+
+def accuracy(model, data) -> float:
+    import torch
+
+    hits = 0
+    with torch.no_grad():
+        for start in range(0, len(data.eval), 64):
+            batch = data.collate_fn([data.eval[i] for i in range(start, min(start + 64, len(data.eval)))])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            hits += int((logits.argmax(-1) == batch["labels"]).sum())
+    return hits / len(data.eval)
+
+
+def latency(model, batch) -> float:
+    import torch
+
+    times = []
+    with torch.no_grad():
+        for i in range(13):
+            start = time.perf_counter()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def report(out: Path) -> str:
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     lines = ["| method | what trains | test accuracy (seed 0 / 1) | mean | macro-F1 mean | trainable params | "
@@ -226,12 +298,34 @@ def report(out: Path) -> str:
                        f"{1000 * speed['latency_s']:.1f} ms{'' if speed['merged'] else ' (unmerged)'}")
         lines.append(f"| {name} | {what} | {accs} | {100 * mean:.1f} | {100 * f1:.1f} | {t['trainable']:,} "
                      f"({share:.2f} %) | {size:.2f} MiB {speed_cells} |")
+    sweep = [r for r in rows if r["part"] == "sweep" or (r["part"] == "train" and r["row"] == "full" and r["seed"] == 0)]
+    if len(sweep) > 1:
+        lines += ["", "full fine-tuning, seed 0, by learning rate: " + ", ".join(
+            f"{r['row'].removeprefix('full lr ') if r['part'] == 'sweep' else '1e-4'}: {100 * r['accuracy']:.1f} %"
+            for r in sweep)]
+    distill = [r for r in rows if r["part"] == "distill"]
+    if distill:
+        lines += ["", "| student (250 steps) | test accuracy (seed 0 / 1) | mean |", "|---|---|---|"]
+        for name in DISTILL:
+            runs = sorted((r for r in distill if r["row"] == name), key=lambda r: r["seed"])
+            if runs:
+                accs = " / ".join(f"{100 * r['accuracy']:.1f}" for r in runs)
+                lines.append(f"| {name} | {accs} | {100 * statistics.mean(r['accuracy'] for r in runs):.1f} |")
+    quant = [r for r in rows if r["part"] == "quant"]
+    if quant:
+        lines += ["", "| model | test accuracy | latency (16 texts, 1 thread) | weights on disk | int8 reload equal |",
+                  "|---|---|---|---|---|"]
+        for r in quant:
+            if r["row"] == "done":
+                continue
+            lines.append(f"| {r['row']} | {100 * r['accuracy']:.1f} | {1000 * r['latency_s']:.1f} ms | "
+                         f"{r['weights_bytes'] / 2**20:.1f} MiB | {r['reload_equal']} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", nargs="+", choices=["train", "speed"], default=[])
+    parser.add_argument("--part", nargs="+", choices=["train", "sweep", "distill", "speed", "quant"], default=[])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), help="rows to run (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "finetune_table")
     parser.add_argument("--report", action="store_true")
@@ -250,6 +344,23 @@ def main(argv=None) -> None:
             for row in args.rows:
                 if ("train", row, seed) not in finished:
                     record(args.out, train_row(args.out, row, seed))
+    if "sweep" in args.part:
+        for name, overrides in SWEEP.items():
+            if ("sweep", name, 0) not in finished:
+                record(args.out, train_row(args.out, name, 0, overrides, part="sweep"))
+    if "distill" in args.part:
+        for seed in SEEDS:
+            teacher = run_dir(args.out, "full", seed) / "final"
+            if not teacher.is_dir():
+                raise SystemExit(f"no teacher at {teacher}: run --part train (row full) first")
+            for name, overrides in DISTILL.items():
+                if ("distill", name, seed) not in finished:
+                    filled = [o.replace("{teacher}", str(teacher)) for o in overrides]
+                    record(args.out, train_row(args.out, name, seed, filled, part="distill"))
+    if "quant" in args.part and ("quant", "done", 0) not in finished:
+        for row in quant_rows(args.out):
+            record(args.out, row)
+        record(args.out, {"part": "quant", "row": "done", "seed": 0})
     if "speed" in args.part:
         for row in args.rows:
             if ("speed", row, 0) in finished:
