@@ -373,3 +373,50 @@ print("same")
     assert proc.returncode == 0 and "same" in proc.stdout, proc.stderr[-2000:]
     with pytest.raises(ValueError, match="no quantized model"):
         load_quantized(tiny_bert, AutoModelForSequenceClassification)
+
+
+# ---------------------------------------------------------------------------------------- a decoder
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama with a byte-level BPE that has no pad token (as decoders' tokenizers usually do)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from hfx.trainers.tasks.causal_lm import train_bpe_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = train_bpe_tokenizer(stdlib_docstrings()["train"]["text"][:300], vocab_size=400)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           eos_token_id=tokenizer.eos_token_id)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("peft", [None, "{method: lora, r: 4, save_base: false}"])
+def test_a_decoder_classifies_from_its_last_token_and_reloads(tiny_llama, tmp_path, peft):
+    import transformers
+
+    extra = [f"peft={peft}"] if peft else []
+    trainer = Trainer(tiny(tmp_path, tiny_llama, *extra, steps=6))
+    trainer.fit()
+    tokenizer = trainer.task.tokenizer
+    assert tokenizer.pad_token == tokenizer.eos_token  # padded with end-of-text
+    model = trainer.unwrapped("model").eval()
+    ids = tokenizer(TEXTS[:1], return_tensors="pt")
+    padded = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():  # right padding does not change a text's logits: the score is read at its last real token
+        alone, batch = model(**ids).logits, model(**padded).logits
+    assert torch.allclose(alone[0], batch[0], atol=1e-5)
+    if peft is None:
+        pipe = transformers.pipeline("text-classification", model=str(tmp_path / "final"))
+        assert pipe(TEXTS[0])[0]["label"] in DOCSTRING_PACKAGES
+    else:
+        from peft import PeftModel
+
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=10,
+                                                                              pad_token_id=tokenizer.pad_token_id)
+        loaded = PeftModel.from_pretrained(base, tmp_path / "final").eval()
+        with torch.no_grad():
+            assert torch.allclose(loaded(**padded).logits, batch, atol=1e-6)

@@ -254,6 +254,9 @@ class CausalLMTask(Task):
 
     def save(self, models, state_dicts, output_dir: Path) -> None:
         models["model"].save_pretrained(output_dir, state_dict=state_dicts["model"])
+        self.save_preprocessing(output_dir)
+
+    def save_preprocessing(self, output_dir: Path) -> None:
         self.tokenizer.save_pretrained(output_dir)
 
     def card_facts(self, metrics: dict[str, float]) -> dict[str, Any]:
