@@ -40,6 +40,7 @@ from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 
 from hfx.models.noisy_classifier import NoisyClassifier
+from hfx.pipelines.loading import FolderOrRepoLoading, _hub_error_reason  # noqa: F401  (its old home)
 
 ClassLabels = int | str | Sequence[int | str] | torch.Tensor | np.ndarray
 StepEndCallback = Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | PipelineCallback | MultiPipelineCallbacks
@@ -63,45 +64,7 @@ def _checked_count(name: str, value, allowed: str = "an integer >= 1") -> int:
     return int(value)
 
 
-def _hub_error_reason(error: BaseException, revision: str | None) -> str | None:
-    """Why diffusers' download failed, in words, from the first known error in the chain it raised; None when
-    no Hub or network error is in the chain (a full disk, say)."""
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-    from huggingface_hub.utils import httpx  # the HTTP client huggingface_hub uses, as it exports it
-
-    # Most specific first: a LocalEntryNotFoundError is also an EntryNotFoundError, OfflineModeIsEnabled a
-    # ConnectionError. diffusers wraps the Hub's own error (its `__cause__`) in an OSError of its own.
-    reasons = [
-        (RepositoryNotFoundError, "no such repository on the Hub (or it is private or gated and the token does not "
-                                  "give access)"),
-        (RevisionNotFoundError, f"the repository has no revision {revision!r}"),
-        (OfflineModeIsEnabled, "it is not in the local cache and the Hub is offline (HF_HUB_OFFLINE=1)"),
-        ((httpx.TransportError, ConnectionError), "it is not in the local cache and the Hub cannot be reached"),
-        (LocalEntryNotFoundError, "it is not (fully) in the local cache and downloads are off (local_files_only=True)"),
-        (EntryNotFoundError, "a file a pipeline needs (model_index.json, a component's files) is not in the "
-                             "repository: is it a folder saved by save_pretrained?"),
-        (HFValidationError, "it is neither a local folder nor a valid Hub repo id"),
-        (HfHubHTTPError, "the Hub answered with an error"),
-    ]
-    chain = []
-    while error is not None and error not in chain:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    for kinds, reason in reasons:
-        if any(isinstance(link, kinds) for link in chain):
-            return reason
-    return None
-
-
-class ClassConditionalPipeline(DiffusionPipeline):
+class ClassConditionalPipeline(FolderOrRepoLoading, DiffusionPipeline):
     r"""Pipeline for class-conditional generation with classifier-free and classifier guidance.
 
     Components:
@@ -203,51 +166,6 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if len(set(class_names)) != len(class_names):
             raise ValueError(f"class_names must be unique, got {list(class_names)}")
         return list(class_names)
-
-    # ------------------------------------------------------------------------------------------ loading
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ClassConditionalPipeline:
-        """Load from a local folder written by ``save_pretrained`` or from a Hub repo id.
-
-        A repo id goes through diffusers' own downloader (:meth:`download`); ``revision``, ``cache_dir``,
-        ``token``, ``force_download`` and ``local_files_only`` apply to it. Other keyword arguments
-        (``torch_dtype``, component overrides such as ``scheduler=...``) go to diffusers' loader.
-
-        Raises:
-            FileNotFoundError: a missing local folder, a folder without ``model_index.json``, or a repo id that
-                cannot be loaded (not on the Hub, not cached while offline or unreachable); the first line of the
-                message names the folder or repo id and says why.
-        """
-        path = os.fspath(pretrained_model_name_or_path)
-        if not os.path.isdir(path):
-            if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
-                raise FileNotFoundError(f"no pipeline folder at {path!r} (and it is not a Hub repo id)")
-        elif not os.path.isfile(os.path.join(path, "model_index.json")):
-            raise FileNotFoundError(f"{path!r} has no model_index.json: not a folder written by save_pretrained")
-        return super().from_pretrained(path, **kwargs)
-
-    @classmethod
-    def download(cls, pretrained_model_name: str, **kwargs) -> str | os.PathLike:
-        """diffusers' :meth:`DiffusionPipeline.download`, with errors that say which repo failed and why.
-
-        Raises:
-            FileNotFoundError: the repo cannot be downloaded or found in the cache. The first line names the repo
-                id (and revision) and the reason; the Hub's own error is chained as the cause.
-        """
-        from huggingface_hub.errors import EntryNotFoundError, HFValidationError
-        from huggingface_hub.utils import httpx
-
-        try:
-            return super().download(pretrained_model_name, **kwargs)
-        except (OSError, EntryNotFoundError, HFValidationError, httpx.HTTPError) as err:
-            revision = kwargs.get("revision")
-            reason = _hub_error_reason(err, revision)
-            if reason is None:
-                raise
-            at = f" at revision {revision!r}" if revision else ""
-            raise FileNotFoundError(
-                f"cannot load pipeline {pretrained_model_name!r}{at}: {reason}\n({type(err).__name__}: {err})"
-            ) from err
 
     # ------------------------------------------------------------------------------------------ model card
     #: The Hub pipeline tag of the model card (the closest one for class-conditional image generation).
