@@ -4,9 +4,12 @@
   N(0, I), Gaussian and Bernoulli reconstruction likelihoods, beta and KL warm-up.
 - :mod:`~hfx.losses.diffusion`: the DDPM forward process (noising at random timesteps), the regression
   target of each prediction type, the denoising loss.
+- :mod:`~hfx.losses.gan`: adversarial losses (minimax, non-saturating, LSGAN, hinge, WGAN) by name in
+  :data:`GAN_LOSSES`, weight clipping, the WGAN-GP gradient penalty (per-sample norm), R1; CycleGAN's
+  cycle and identity losses.
 
 Each takes and returns tensors with the shapes its docstring gives; nothing here holds state or reads a
-config. The adversarial, gradient-penalty, cycle, InfoNCE and distillation losses will land here too.
+config. The InfoNCE and distillation losses will land here too.
 """
 
 from hfx.losses.diffusion import denoising_loss, noised, prediction_target
@@ -17,6 +20,27 @@ from hfx.losses.elbo import (
     gaussian_nll,
     kl_warmup_weight,
 )
+from hfx.losses.gan import (
+    GAN_LOSSES,
+    GANLoss,
+    clip_weights_,
+    cycle_consistency_loss,
+    gradient_penalty,
+    hinge_d_loss,
+    identity_loss,
+    interpolates,
+    lsgan_d_loss,
+    lsgan_g_loss,
+    minimax_d_loss,
+    minimax_g_loss,
+    non_saturating_g_loss,
+    r1_penalty,
+    wasserstein_d_loss,
+    wasserstein_g_loss,
+)
 
-__all__ = ["bernoulli_nll", "beta_elbo", "denoising_loss", "gaussian_kl_to_standard_normal", "gaussian_nll",
-           "kl_warmup_weight", "noised", "prediction_target"]
+__all__ = ["GAN_LOSSES", "GANLoss", "bernoulli_nll", "beta_elbo", "clip_weights_", "cycle_consistency_loss",
+           "denoising_loss", "gaussian_kl_to_standard_normal", "gaussian_nll", "gradient_penalty", "hinge_d_loss",
+           "identity_loss", "interpolates", "kl_warmup_weight", "lsgan_d_loss", "lsgan_g_loss", "minimax_d_loss",
+           "minimax_g_loss", "noised", "non_saturating_g_loss", "prediction_target", "r1_penalty",
+           "wasserstein_d_loss", "wasserstein_g_loss"]
