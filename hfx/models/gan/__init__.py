@@ -1,0 +1,11 @@
+"""hfx's GAN family: DCGAN generator and (projection, spectrally normalised) discriminator, and a
+StyleGAN-style generator; diffusers ``ModelMixin`` components of :class:`~hfx.pipelines.GANPipeline`."""
+
+from .modeling_gan import DCGANDiscriminator, DCGANGenerator, GANDiscriminatorOutput, GANGeneratorOutput
+from .stylegan_gan import StyleGANGenerator
+
+#: Generator architecture name (a task option) -> class.
+GENERATORS = {"dcgan": DCGANGenerator, "stylegan": StyleGANGenerator}
+
+__all__ = ["GENERATORS", "DCGANDiscriminator", "DCGANGenerator", "GANDiscriminatorOutput", "GANGeneratorOutput",
+           "StyleGANGenerator"]
