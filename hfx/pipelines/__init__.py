@@ -5,7 +5,8 @@ diffusers looks components up there when it loads a saved pipeline and never imp
 """
 
 from hfx.pipelines.pipeline_class_conditional import ClassConditionalPipeline
+from hfx.pipelines.pipeline_gan import GANPipeline
 from hfx.pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 from hfx.pipelines.utils import SCHEDULERS, class_grid, scheduler_from_name
 
-__all__ = ["SCHEDULERS", "ClassConditionalPipeline", "LatentDiffusionPipeline", "class_grid", "scheduler_from_name"]
+__all__ = ["SCHEDULERS", "ClassConditionalPipeline", "GANPipeline", "LatentDiffusionPipeline", "class_grid", "scheduler_from_name"]
