@@ -704,6 +704,9 @@ class Trainer:
             os.replace(tmp, self.output_dir / "results.json")
         for callback in self.callbacks:
             callback.on_train_end(self.state, self.control)
+        # Leave together: a process that tears its process group down while the main one still writes the card
+        # was seen to abort (gloo, FSDP on the CPU, a loaded machine), and the launcher then kills the main one.
+        acc.wait_for_everyone()
         return stop_reason
 
     def _card_facts(self) -> dict[str, Any]:
