@@ -159,16 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure(args, overrides: list[str], name: str):
-    """Alternating rounds of both sides; returns (median pair ratio, pair ratios, pooled-median ratio,
+def measure(args, overrides: list[str], name: str, engine=None, bare=None):
+    """Alternating rounds of both sides (``engine`` / ``bare``: functions like :func:`engine_round` and
+    :func:`bare_round`, these by default); returns (median pair ratio, pair ratios, pooled-median ratio,
     engine median, bare median, timed steps per side)."""
+    engine_run, bare_run = engine or engine_round, bare or bare_round
     times: dict[str, list[float]] = {"engine": [], "bare": []}
     pair_ratios = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             medians = {}
-            for side, run in (("engine", engine_round), ("bare", bare_round)) if r % 2 == 0 else \
-                    (("bare", bare_round), ("engine", engine_round)):
+            for side, run in (("engine", engine_run), ("bare", bare_run)) if r % 2 == 0 else \
+                    (("bare", bare_run), ("engine", engine_run)):
                 step_times = run(args.steps, Path(tmp) / side, args.batch_size, overrides)[args.warmup:]
                 times[side].extend(step_times)
                 medians[side] = statistics.median(step_times)
@@ -183,10 +185,10 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
-def write_section(text: str) -> None:
-    """Replace this benchmark's section of bench/RESULTS.md (up to the next ``## `` heading)."""
+def write_section(text: str, section: str = SECTION) -> None:
+    """Replace the benchmark's ``section`` of bench/RESULTS.md (up to the next ``## `` heading)."""
     content = RESULTS.read_text()
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
+    pattern = re.compile(re.escape(section) + r".*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     if not pattern.search(content):
         content = content.rstrip() + "\n\n" + text
     else:
