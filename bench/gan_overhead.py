@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import trainer_overhead  # noqa: E402
 from trainer_overhead import measure, reset_accelerate, write_section  # noqa: E402
 
 SECTION = "## GAN task overhead (bench/gan_overhead.py)"
@@ -35,21 +36,8 @@ COMMON = ["eval.every_steps=null", "eval.at_end=false", "checkpoint.every_steps=
 
 def engine_round(steps: int, workdir: Path, batch_size: int, overrides: list[str]) -> list[float]:
     """Step times (s) of the engine (one step: the discriminator's and the generator's update of a batch)."""
-    from hfx.trainers import Callback, Trainer, load_config
-
-    class Clock(Callback):
-        def __init__(self):
-            self.stamps = []
-
-        def on_step_end(self, state, control):
-            self.stamps.append(time.perf_counter())
-
-    reset_accelerate()
-    config = load_config("gan-digits", [f"output_dir={workdir}", "overwrite_output_dir=true", f"train.max_steps={steps}",
-                                        f"train.batch_size={batch_size}", *COMMON, *overrides])
-    clock = Clock()
-    Trainer(config, [clock]).fit()
-    return [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    return trainer_overhead.engine_round(steps, workdir, batch_size, ["task_options.grid_size=0", *overrides],
+                                         recipe="gan-digits")
 
 
 def bare_round(steps: int, workdir: Path, batch_size: int, overrides: list[str]) -> list[float]:

@@ -47,8 +47,9 @@ WORKLOADS = {
 }
 
 
-def engine_round(steps: int, workdir: Path, batch_size: int, overrides: list[str]) -> list[float]:
-    """Step times (s) of the engine: the time between consecutive on_step_end calls."""
+def engine_round(steps: int, workdir: Path, batch_size: int, overrides: list[str],
+                 recipe: str = "classify-digits") -> list[float]:
+    """Step times (s) of the engine on ``recipe``: the time between consecutive on_step_end calls."""
     from hfx.trainers import Callback, Trainer, load_config
 
     class Clock(Callback):
@@ -59,7 +60,7 @@ def engine_round(steps: int, workdir: Path, batch_size: int, overrides: list[str
             self.stamps.append(time.perf_counter())
 
     reset_accelerate()
-    config = load_config("classify-digits", [
+    config = load_config(recipe, [
         f"output_dir={workdir}", "overwrite_output_dir=true", f"train.max_steps={steps}",
         f"train.batch_size={batch_size}", "eval.every_steps=null", "eval.at_end=false",
         "checkpoint.every_steps=null", "log.report_to=[]", "log.every_steps=10", *overrides])

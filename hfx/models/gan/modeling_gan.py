@@ -76,7 +76,20 @@ def _levels(image_size: int) -> int:
     return int(math.log2(image_size)) - 2
 
 
-class DCGANGenerator(ModelMixin, ConfigMixin):
+class GeneratorShapes:
+    """What the task and the pipeline read off any generator: its latent's shape and its number of classes."""
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """The shape of one latent z, without the batch dimension."""
+        return (self.config.latent_dim,)
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.config.num_classes
+
+
+class DCGANGenerator(GeneratorShapes, ModelMixin, ConfigMixin):
     r"""The DCGAN generator, optionally class-conditional.
 
     Args:
@@ -120,15 +133,6 @@ class DCGANGenerator(ModelMixin, ConfigMixin):
         layers += [nn.ConvTranspose2d(channels[-1], out_channels, 4, 2, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         self.apply(_dcgan_init)
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        """The shape of one latent z, without the batch dimension."""
-        return (self.config.latent_dim,)
-
-    @property
-    def num_classes(self) -> int | None:
-        return self.config.num_classes
 
     def forward(self, latents: torch.Tensor, class_labels: torch.Tensor | None = None, truncation_psi: float = 1.0,
                 generator: torch.Generator | None = None, return_dict: bool = True) -> GANGeneratorOutput | tuple:

@@ -44,7 +44,7 @@ from .configuration_gan import (
     check_num_classes,
     check_number,
 )
-from .modeling_gan import GANGeneratorOutput
+from .modeling_gan import GANGeneratorOutput, GeneratorShapes
 
 
 def normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -178,7 +178,7 @@ class ToRGB(nn.Module):
         return self.conv(x, w) + self.bias[None, :, None, None]
 
 
-class StyleGANGenerator(ModelMixin, ConfigMixin):
+class StyleGANGenerator(GeneratorShapes, ModelMixin, ConfigMixin):
     r"""A StyleGAN-style generator: mapping network, style layers with per-layer noise, skip ToRGBs, truncation
     and style mixing (see the module docstring).
 
@@ -231,14 +231,6 @@ class StyleGANGenerator(ModelMixin, ConfigMixin):
             self.to_rgb.append(ToRGB(channels[i], out_channels, w_dim))
 
     # ------------------------------------------------------------------------------------------ shapes
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return (self.config.latent_dim,)
-
-    @property
-    def num_classes(self) -> int | None:
-        return self.config.num_classes
-
     @property
     def num_ws(self) -> int:
         """How many w vectors the synthesis takes: one per style layer, plus the last ToRGB's."""
