@@ -289,6 +289,9 @@ def test_a_shallower_student_distills_from_its_teacher_and_reloads(tiny_bert, tm
     ("task_options.distill_alpha=1.5", "task_options.distill_alpha"),
     ("task_options.teacher=/nonexistent/teacher", "task_options.teacher '/nonexistent/teacher' is not a model folder"),
     ("task_options.max_length=-3", "task_options.max_length"),
+    ("task_options.tokenizer=/etc", "cannot load the tokenizer of task_options.tokenizer '/etc'"),
+    ("task_options.teacher=/etc/passwd", "task_options.teacher '/etc/passwd' is not a model folder"),
+    ("task_options.temperature=nan", "task_options.temperature' must be a finite number"),
 ])
 def test_bad_options_end_in_one_line_naming_the_key(tiny_bert, tmp_path, capsys, override, named):
     code = main(["train", "textcls-docstrings", f"output_dir={tmp_path / 'run'}", f"task_options.model={tiny_bert}",

