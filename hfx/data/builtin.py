@@ -68,6 +68,66 @@ def digits(image_size: int = 16, test_size: float = 0.2, seed: int = 0) -> datas
     return datasets.DatasetDict(train=split(train_idx), test=split(test_idx))
 
 
+STROKE_DOMAINS = ["thin", "thick"]
+
+
+def digits_strokes(image_size: int = 32, test_size: float = 0.2, seed: int = 0) -> datasets.DatasetDict:
+    """Two unpaired image domains made from the sklearn digits: thin strokes and thick strokes (CycleGAN's data).
+
+    Each 8x8 original is upscaled (bicubic) to ``image_size`` and then eroded (``thin``) or dilated (``thick``)
+    with a grey-level morphology of side ``max(2, image_size // 8)`` (one original pixel). The two domains are
+    built from DIFFERENT digits: within each class of each split, the originals alternate between the domains,
+    so no digit appears in both and each domain keeps the class balance. The domain is measurable: the mean
+    distance of ink to background, :func:`hfx.metrics.stroke_width`, separates the two (at 32x32, 98-99 % of
+    thin and 100 % of thick images fall on their side of the midpoint of the two medians).
+
+    Args:
+        image_size: side of the square images (>= 8).
+        test_size, seed: the stratified split of the originals, as in :func:`digits` (the same split).
+
+    Returns:
+        ``DatasetDict(train, test)`` with columns ``image`` (PIL ``"L"``), ``label`` (the digit, ``ClassLabel``
+        ``"0"``..``"9"``), ``domain`` (``ClassLabel`` ``"thin"``, ``"thick"``) and ``source`` (the index of the
+        original in ``sklearn.datasets.load_digits()``: each occurs once in the whole dataset).
+    """
+    from scipy import ndimage
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"test_size must be in (0, 1), got {test_size!r}")
+    bunch = load_digits()
+    pixels = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = bunch.target.astype(np.int64)
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_size, random_state=seed,
+                                           stratify=labels)
+    side = max(2, image_size // 8)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=DIGIT_NAMES),
+                                  "domain": datasets.ClassLabel(names=STROKE_DOMAINS), "source": datasets.Value("int64")})
+
+    def split(indices: np.ndarray) -> datasets.Dataset:
+        indices = np.sort(indices)
+        images, domains, seen = [], [], np.zeros(len(DIGIT_NAMES), dtype=np.int64)
+        for i in indices:
+            domain = int(seen[labels[i]] % 2)  # the originals of each class alternate between the domains
+            seen[labels[i]] += 1
+            base = np.asarray(Image.fromarray(pixels[i], mode="L").resize((image_size, image_size),
+                                                                          Image.Resampling.BICUBIC))
+            morph = ndimage.grey_dilation if domain else ndimage.grey_erosion
+            images.append(Image.fromarray(morph(base, size=(side, side)).astype(np.uint8), mode="L"))
+            domains.append(domain)
+        return datasets.Dataset.from_dict(
+            {"image": images, "label": labels[indices].tolist(), "domain": domains, "source": indices.tolist()},
+            features=features,
+            info=datasets.DatasetInfo(description=f"sklearn digits at {image_size}x{image_size} in two stroke domains "
+                                                  f"(erosion / dilation of side {side}), split seed {seed}",
+                                      features=features))
+
+    return datasets.DatasetDict(train=split(train_idx), test=split(test_idx))
+
+
 def _to_pil(pixels: np.ndarray, image_size: int) -> Image.Image:
     image = Image.fromarray(pixels, mode="L")
     if image_size != pixels.shape[0]:
@@ -249,7 +309,8 @@ def _docstrings(tree: ast.Module):
                 stack.append((prefix + child.name, child))
 
 
-BUILTIN_DATASETS = {"digits": digits, "stdlib-text": stdlib_text, "stdlib-docstrings": stdlib_docstrings}
+BUILTIN_DATASETS = {"digits": digits, "digits-strokes": digits_strokes, "stdlib-text": stdlib_text,
+                    "stdlib-docstrings": stdlib_docstrings}
 
 
 def builtin_dataset(name: str, **options) -> datasets.DatasetDict:

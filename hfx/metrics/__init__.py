@@ -41,6 +41,11 @@ from hfx.metrics.functional import (
     precision_recall,
 )
 from hfx.metrics.statistics import FeatureStatistics
+from hfx.metrics.strokes import stroke_width
+
+#: Per-image measures that tell two image domains apart (CycleGAN's ``domain_measure``): images (B, C, H, W)
+#: in [-1, 1] -> (B,) numbers.
+DOMAIN_MEASURES = {"stroke_width": stroke_width}
 
 EVALUATE_MODULES = ("fid", "kid", "inception_score", "precision_recall", "lpips", "clip_score")
 
@@ -53,6 +58,7 @@ def module_path(name: str) -> str:
 
 
 __all__ = [
+    "DOMAIN_MEASURES",
     "EVALUATE_MODULES",
     "FeatureStatistics",
     "MeanStd",
@@ -66,6 +72,7 @@ __all__ = [
     "kl_divergence",
     "module_path",
     "precision_recall",
+    "stroke_width",
     "total_variation",
     "wasserstein_1d",
 ]

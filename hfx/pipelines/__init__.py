@@ -5,8 +5,9 @@ diffusers looks components up there when it loads a saved pipeline and never imp
 """
 
 from hfx.pipelines.pipeline_class_conditional import ClassConditionalPipeline
+from hfx.pipelines.pipeline_cyclegan import CycleGANPipeline
 from hfx.pipelines.pipeline_gan import GANPipeline
 from hfx.pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
 from hfx.pipelines.utils import SCHEDULERS, class_grid, scheduler_from_name
 
-__all__ = ["SCHEDULERS", "ClassConditionalPipeline", "GANPipeline", "LatentDiffusionPipeline", "class_grid", "scheduler_from_name"]
+__all__ = ["SCHEDULERS", "ClassConditionalPipeline", "CycleGANPipeline", "GANPipeline", "LatentDiffusionPipeline", "class_grid", "scheduler_from_name"]

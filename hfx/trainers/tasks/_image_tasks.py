@@ -37,11 +37,13 @@ class ImageColumns:
     """Resize (square) to this side; None keeps the dataset's size."""
 
 
-def build_image_data(task: Task, *, image_size: int | None = None, mean: float = 0.5, std: float = 0.5
-                     ) -> tuple[TaskData, ImageDataInfo]:
+def build_image_data(task: Task, *, image_size: int | None = None, mean: float = 0.5, std: float = 0.5,
+                     extra_columns: dict[str, str] | None = None) -> tuple[TaskData, ImageDataInfo]:
     """Load ``task``'s dataset (``data.*`` of the recipe) as batches of ``pixel_values`` (B, C, S, S), equal
     to ``(pixels / 255 - mean) / std`` (the defaults give [-1, 1]), and ``labels`` (B,). The columns and the
-    side come from ``task.options`` (an :class:`ImageColumns`); ``image_size`` overrides the side.
+    side come from ``task.options`` (an :class:`ImageColumns`); ``image_size`` overrides the side. Each column
+    of ``extra_columns`` (integer columns, e.g. a CycleGAN domain, each mapped to the task option that names
+    it) comes along as a (B,) tensor of the column's name.
 
     Raises:
         ValueError: a column the dataset does not have (the message lists the columns it has).
@@ -52,10 +54,12 @@ def build_image_data(task: Task, *, image_size: int | None = None, mean: float =
     cfg = task.config.data
     dataset = task.load_dataset()
     train = dataset[cfg.train_split]
-    for column in (image_column, label_column):
+    extra_columns = extra_columns or {}
+    options = {image_column: "image_column / label_column", label_column: "image_column / label_column", **extra_columns}
+    for column, option in options.items():
         if column not in train.column_names:
             raise ConfigError(f"dataset {cfg.dataset!r} has no column {column!r} (columns: "
-                             f"{', '.join(train.column_names)}); set task_options.image_column / label_column")
+                             f"{', '.join(train.column_names)}); set task_options.{option}")
     feature = train.features[label_column]
     label_names = list(feature.names) if hasattr(feature, "names") else [str(v) for v in sorted(set(train[label_column]))]
     first = train[0][image_column]
@@ -71,7 +75,8 @@ def build_image_data(task: Task, *, image_size: int | None = None, mean: float =
                 image = image.resize((info.size, info.size))
             array = np.asarray(image, dtype=np.float32).reshape(info.size, info.size, info.channels) / 255.0
             pixels.append(torch.from_numpy((array - mean) / std).permute(2, 0, 1))
-        return {"pixel_values": pixels, "labels": [torch.tensor(int(y)) for y in batch[label_column]]}
+        extra = {column: [torch.tensor(int(v)) for v in batch[column]] for column in extra_columns}
+        return {"pixel_values": pixels, "labels": [torch.tensor(int(y)) for y in batch[label_column]], **extra}
 
     eval_set = dataset[cfg.eval_split].with_transform(transform) if cfg.eval_split is not None else None
     return TaskData(train=train.with_transform(transform), eval=eval_set), info
