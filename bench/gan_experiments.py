@@ -130,24 +130,16 @@ def truncation_plot(points: list[dict], path: Path) -> None:
 
 
 def mixing_grid(pipe, path: Path, seed: int, cutoff: int = 2) -> None:
-    """Rows: source A (coarse layers, before ``cutoff``); columns: source B (fine layers); the first row and column
-    are the sources themselves."""
+    """The gan task's style-mixing figure (rows: coarse layers before ``cutoff`` from source A; columns: the fine
+    layers from source B), enlarged to 48 px a cell."""
     from diffusers.utils import make_image_grid
 
     from hfx.trainers.tasks._image_tasks import to_pil_images
+    from hfx.trainers.tasks.gan import style_mixing_grid
 
-    generator = pipe.generator
-    g = torch.Generator().manual_seed(seed)
-    z_a, z_b = torch.randn(6, generator.config.latent_dim, generator=g), torch.randn(6, generator.config.latent_dim, generator=g)
     with torch.no_grad():
-        a = generator(z_a, noise_mode="const").sample
-        b = generator(z_b, noise_mode="const").sample
-        rows = [torch.cat([torch.full_like(a[:1], -1), b])]
-        for i in range(6):
-            mixed = generator(z_a[i:i + 1].expand(6, -1), mixing_latents=z_b, mixing_cutoff=cutoff, noise_mode="const").sample
-            rows.append(torch.cat([a[i:i + 1], mixed]))
-    images = to_pil_images(torch.cat(rows).clamp(-1, 1))
-    make_image_grid([im.resize((48, 48), 0) for im in images], rows=7, cols=7).save(path)
+        images, rows = style_mixing_grid(pipe.generator, seed=seed, cutoff=cutoff)
+    make_image_grid([im.resize((48, 48), 0) for im in to_pil_images(images)], rows=rows, cols=rows).save(path)
 
 
 def main() -> None:

@@ -281,43 +281,98 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------- sample
 def _add_sample(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pipeline", metavar="PIPELINE_DIR", help="a ClassConditionalPipeline folder or Hub repo id")
+    parser.add_argument("pipeline", metavar="PIPELINE_DIR",
+                        help="a ClassConditionalPipeline, LatentDiffusionPipeline or GANPipeline folder or Hub repo id")
     parser.add_argument("--class", dest="classes", nargs="+", metavar="CLASS",
                         help="class ids or names; several give one row each (default: every class)")
-    parser.add_argument("--n", type=_positive_int, default=16, help="images per class (default 16)")
-    parser.add_argument("--guidance", type=float, default=None,
-                        help="classifier-free guidance scale: 0 unconditional, 1 conditional (default: the pipeline's)")
-    parser.add_argument("--classifier-scale", type=float, default=0.0, help="classifier guidance scale (default 0)")
-    parser.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale factor in [0, 1] (default 0)")
-    parser.add_argument("--dynamic-thresholding", type=float, default=None, metavar="RATIO",
-                        help="Imagen dynamic thresholding quantile, e.g. 0.995 (default: off)")
-    parser.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default 50)")
-    parser.add_argument("--scheduler", default="ddim", help="ddpm, ddim, dpm++ or saved (default ddim)")
+    parser.add_argument("--n", type=_positive_int, default=16,
+                        help="images per class, or images of an unconditional GAN (default 16)")
+    diffusion = parser.add_argument_group("diffusion pipelines")
+    diffusion.add_argument("--guidance", type=float, default=None,
+                           help="classifier-free guidance scale: 0 unconditional, 1 conditional (default: the pipeline's)")
+    diffusion.add_argument("--classifier-scale", type=float, default=None, help="classifier guidance scale (default 0)")
+    diffusion.add_argument("--guidance-rescale", type=float, default=None, help="CFG rescale factor in [0, 1] (default 0)")
+    diffusion.add_argument("--dynamic-thresholding", type=float, default=None, metavar="RATIO",
+                           help="Imagen dynamic thresholding quantile, e.g. 0.995 (default: off)")
+    diffusion.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default 50)")
+    diffusion.add_argument("--scheduler", default=None, help="ddpm, ddim, dpm++ or saved (default ddim)")
+    gan = parser.add_argument_group("GAN pipelines")
+    gan.add_argument("--truncation-psi", type=float, default=None,
+                     help="StyleGAN-style generators: pull w towards its mean, in [0, 1] (default 1: no truncation)")
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", default="grid.png", help="where to write the image grid (default grid.png)")
 
 
+#: ``hfx sample`` options that only one kind of pipeline takes: (attribute, flag, the kind).
+_SAMPLE_ONLY_FOR = [("guidance", "--guidance", "diffusion"), ("classifier_scale", "--classifier-scale", "diffusion"),
+                    ("guidance_rescale", "--guidance-rescale", "diffusion"),
+                    ("dynamic_thresholding", "--dynamic-thresholding", "diffusion"), ("steps", "--steps", "diffusion"),
+                    ("scheduler", "--scheduler", "diffusion"), ("truncation_psi", "--truncation-psi", "gan")]
+
+
+def _load_sampling_pipeline(path: str):
+    """The hfx pipeline saved in ``path`` (a folder or a Hub repo id), of the class its model_index.json names."""
+    import json
+
+    import hfx.pipelines as pipelines
+    from hfx.pipelines import ClassConditionalPipeline
+
+    folder = path if os.path.isdir(path) else ClassConditionalPipeline.download(path)
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"{path!r} has no model_index.json: not a folder written by save_pretrained")
+    with open(index) as handle:
+        name = json.load(handle).get("_class_name")
+    samplers = ("ClassConditionalPipeline", "LatentDiffusionPipeline", "GANPipeline")
+    if name not in samplers:
+        raise ValueError(f"{path!r} holds a {name}; hfx sample samples a {', '.join(samplers[:-1])} or {samplers[-1]}")
+    return getattr(pipelines, name).from_pretrained(folder)
+
+
 def _run_sample(args: argparse.Namespace) -> int:
     import torch
+    from diffusers.utils import make_image_grid
 
-    from hfx.pipelines import ClassConditionalPipeline, class_grid, scheduler_from_name
+    from hfx.pipelines import GANPipeline, class_grid, scheduler_from_name
 
     _image_path(args.out)
     device = _device(args.device)
-    pipe = ClassConditionalPipeline.from_pretrained(args.pipeline)
-    if args.scheduler != "saved":
-        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    pipe = _load_sampling_pipeline(args.pipeline)
+    kind = "gan" if isinstance(pipe, GANPipeline) else "diffusion"
+    for attribute, flag, only in _SAMPLE_ONLY_FOR:
+        if getattr(args, attribute) is not None and only != kind:
+            raise ValueError(f"{flag} applies to {only} pipelines; {args.pipeline} is a {type(pipe).__name__}")
     pipe.to(device)
+    generator = torch.Generator(device).manual_seed(args.seed)
     names = pipe.class_names or []
     # A token is a class name when the pipeline has that name, else an id when it reads as an integer.
     classes = [c if c in names or not c.lstrip("-").isdigit() else int(c) for c in args.classes or []]
-    grid = class_grid(
-        pipe, classes or list(range(pipe.num_classes)), args.n, guidance_scale=args.guidance,
-        classifier_scale=args.classifier_scale, guidance_rescale=args.guidance_rescale,
-        dynamic_thresholding_ratio=args.dynamic_thresholding, num_inference_steps=args.steps,
-        generator=torch.Generator(device).manual_seed(args.seed),
-    )
+    if kind == "gan":
+        psi = 1.0 if args.truncation_psi is None else args.truncation_psi
+        if pipe.num_classes is None:
+            if classes:
+                raise ValueError(f"--class given, but {args.pipeline} is an unconditional GAN: use --n alone")
+            images = pipe(batch_size=args.n, truncation_psi=psi, generator=generator).images
+            cols = min(args.n, max(1, round(args.n ** 0.5)))
+            rows = -(-args.n // cols)
+            images += [images[0].point(lambda _: 0)] * (rows * cols - args.n)
+        else:
+            classes = classes or list(range(pipe.num_classes))
+            labels = [c for c in classes for _ in range(args.n)]
+            images = pipe(class_labels=labels, truncation_psi=psi, generator=generator).images
+            rows, cols = len(classes), args.n
+        grid = make_image_grid(images, rows=rows, cols=cols)
+    else:
+        scheduler = args.scheduler or "ddim"
+        if scheduler != "saved":
+            pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
+        grid = class_grid(
+            pipe, classes or list(range(pipe.num_classes)), args.n, guidance_scale=args.guidance,
+            classifier_scale=args.classifier_scale or 0.0, guidance_rescale=args.guidance_rescale or 0.0,
+            dynamic_thresholding_ratio=args.dynamic_thresholding, num_inference_steps=args.steps or 50,
+            generator=generator,
+        )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     grid.save(args.out)
     print(f"wrote {args.out} ({grid.width}x{grid.height} px)")
@@ -520,7 +575,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
               _add_train, _run_train),
     "demo": ("the main job: train class-conditional diffusion on the digits, measure guidance, write a pipeline",
              _add_demo, _run_demo),
-    "sample": ("sample an image grid from a class-conditional diffusion pipeline", _add_sample, _run_sample),
+    "sample": ("sample an image grid from a class-conditional diffusion pipeline or a GAN pipeline", _add_sample,
+               _run_sample),
     "evaluate": ("FID, KID, IS, precision/recall of generated images vs a reference, with N and the extractor",
                  _add_evaluate, _run_evaluate),
     "card": ("(re)render the model card README.md of a run or artifact folder", _add_card, _run_card),

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
@@ -343,3 +344,32 @@ def test_the_remote_code_export_samples_the_same_images_where_hfx_cannot_be_impo
     exported = torch.load(tmp_path / "out.pt", weights_only=True)
     assert exported["type"] == "GANPipeline"
     assert torch.equal(exported["images"], images(pipe, class_labels=[0, 2, 1], truncation_psi=0.7))
+
+
+def test_hfx_sample_writes_a_grid_of_a_gan_pipeline(tmp_path, capsys):
+    from PIL import Image
+
+    from hfx.cli import main
+
+    conditional_pipeline().save_pretrained(tmp_path / "cond")
+    out = tmp_path / "rows.png"
+    assert main(["sample", str(tmp_path / "cond"), "--class", "two", "0", "--n", "3", "--truncation-psi", "0.7",
+                 "--seed", "1", "--out", str(out)]) == 0
+    assert Image.open(out).size == (24, 16) and "wrote" in capsys.readouterr().out  # a row per class, 3 columns
+    pipe = GANPipeline.from_pretrained(tmp_path / "cond")  # the grid holds exactly the pipeline's images
+    expected = pipe(class_labels=[2, 2, 2, 0, 0, 0], truncation_psi=0.7, generator=torch.Generator().manual_seed(1)).images
+    grid = np.asarray(Image.open(out))
+    assert np.array_equal(grid[8:16, 16:24, 0], np.asarray(expected[5]))  # make_image_grid writes RGB
+
+    GANPipeline(tiny_models()["dcgan"].eval()).save_pretrained(tmp_path / "uncond")
+    assert main(["sample", str(tmp_path / "uncond"), "--n", "5", "--out", str(out)]) == 0
+    assert Image.open(out).size == (16, 24)  # 5 images in 3 rows of 2, the last cell blank
+    for argv, message in [
+        (["--class", "1"], "--class given, but"),
+        (["--guidance", "2"], "--guidance applies to diffusion pipelines;"),
+        (["--steps", "10"], "--steps applies to diffusion pipelines;"),
+        (["--truncation-psi", "0.5"], "truncation_psi=0.5 needs a generator with a mapping network"),
+    ]:
+        assert main(["sample", str(tmp_path / "uncond"), *argv, "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err

@@ -81,6 +81,28 @@ def test_every_variant_trains_with_finite_losses_and_saves_a_pipeline(name, tmp_
     if name == "wgan-clip":  # clamped before every use: the saved critic went through at most one step since
         assert max(float(p.detach().abs().max()) for p in pipe.discriminator.parameters()) <= 0.05 + 2e-3 * 2
     assert (tmp_path / "samples" / "step-0000006.png").is_file()  # the fixed-noise grid of the final evaluation
+    mixing = tmp_path / "samples" / "style-mixing-step-0000006.png"
+    assert mixing.is_file() == (name == "stylegan-r1-mixing")
+    if mixing.is_file():  # the card shows it
+        assert "images/style-mixing-step-0000006.png" in (result.final_dir / "README.md").read_text()
+
+
+def test_the_style_mixing_grid_takes_coarse_layers_from_its_row_and_fine_layers_from_its_column():
+    from hfx.models.gan import StyleGANGenerator
+    from hfx.trainers.tasks.gan import style_mixing_grid
+
+    torch.manual_seed(0)
+    G = StyleGANGenerator(image_size=8, **STYLE).eval()
+    with torch.no_grad():
+        images, rows = style_mixing_grid(G, seed=3, cutoff=1, n=3)
+        g = torch.Generator().manual_seed(3)
+        z_a, z_b = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+        cell = G(z_a[1:2], mixing_latents=z_b[2:3], mixing_cutoff=1, noise_mode="const").sample.clamp(-1, 1)
+        source_b = G(z_b[2:3], noise_mode="const").sample.clamp(-1, 1)
+    grid = images.reshape(4, 4, *images.shape[1:])
+    assert rows == 4 and torch.equal(grid[0, 0], -torch.ones_like(grid[0, 0]))
+    assert torch.allclose(grid[2, 3], cell[0], atol=1e-6) and torch.allclose(grid[0, 3], source_b[0], atol=1e-6)
+    assert not torch.allclose(grid[2, 3], grid[1, 3])  # another row, another coarse style
 
 
 def test_the_discriminator_loss_falls_as_it_learns_to_tell_real_from_fake(tmp_path):

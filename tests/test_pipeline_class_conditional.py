@@ -390,3 +390,5 @@ def test_hfx_sample_writes_a_grid(tmp_path, capsys):
     assert "unknown class name 'cat'" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "pipe"), "--scheduler", "euler", "--out", str(out)]) == 1
     assert "unknown scheduler 'euler'" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "pipe"), "--truncation-psi", "0.7", "--out", str(out)]) == 1
+    assert "--truncation-psi applies to gan pipelines; " in capsys.readouterr().err

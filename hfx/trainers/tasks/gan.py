@@ -49,6 +49,28 @@ FROM_DATA = {"generator": ("image_size", "out_channels", "num_classes"),
              "discriminator": ("image_size", "in_channels", "num_classes")}
 
 
+def style_mixing_grid(generator, seed: int, cutoff: int | None = None, n: int = 6) -> tuple[torch.Tensor, int]:
+    """StyleGAN's style-mixing figure for a StyleGAN-style generator, with constant noise: ``(images, rows)``,
+    (n + 1) x (n + 1) images in [-1, 1]. The first row holds n sources B, the first column n sources A (the corner
+    is blank); cell (i, j) takes the w of its layers before ``cutoff`` (default: half the layers, at least 1) from
+    A_i and the rest from B_j. A conditional generator draws A_i and B_j of class i (mod the classes)."""
+    config, device = generator.config, generator.device
+    cutoff = cutoff or max(1, generator.num_ws // 2)
+    g = torch.Generator().manual_seed(seed)
+    z_a, z_b = torch.randn(n, config.latent_dim, generator=g), torch.randn(n, config.latent_dim, generator=g)
+    z_a, z_b = z_a.to(device), z_b.to(device)
+    labels = None if config.num_classes is None else torch.arange(n, device=device) % config.num_classes
+    a = generator(z_a, labels, noise_mode="const").sample
+    b = generator(z_b, labels, noise_mode="const").sample
+    rows = [torch.cat([torch.full_like(a[:1], -1), b])]
+    for i in range(n):
+        row_labels = None if labels is None else labels[i:i + 1].expand(n)
+        mixed = generator(z_a[i:i + 1].expand(n, -1), row_labels, mixing_latents=z_b, mixing_cutoff=cutoff,
+                          noise_mode="const").sample
+        rows.append(torch.cat([a[i:i + 1], mixed]))
+    return torch.cat(rows).clamp(-1, 1), n + 1
+
+
 @dataclass
 class GANOptions(ImageColumns):
     architecture: Literal["dcgan", "stylegan"] = "dcgan"
@@ -223,7 +245,10 @@ class GANTask(Task):
         if self.options.evaluator:  # every process draws the same samples, so all agree on the numbers
             metrics.update(self.sample_metrics(G))
         if self.options.grid_size > 0 and acc.is_main_process:
-            write_sample_grids(self, {"": self.sample_grid(G)}, state.global_step)
+            grids = {"": self.sample_grid(G)}
+            if self.options.architecture == "stylegan":
+                grids["style-mixing-"] = image_grid(*style_mixing_grid(G, seed=self.eval_seed + 2))
+            write_sample_grids(self, grids, state.global_step)
         return metrics
 
     def evaluator(self):
