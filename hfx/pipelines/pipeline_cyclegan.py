@@ -51,7 +51,7 @@ class CycleGANPipeline(FolderOrRepoLoading, DiffusionPipeline):
     _optional_components = ["discriminator_a", "discriminator_b"]
 
     def __init__(self, generator_ab, generator_ba, discriminator_a=None, discriminator_b=None,
-                 domain_names: Sequence[str] = ("a", "b")):
+                 domain_names: Sequence[str] | Mapping[str, str] = ("a", "b")):
         super().__init__()
         shapes = []
         for name, model in (("generator_ab", generator_ab), ("generator_ba", generator_ba)):

@@ -13,11 +13,15 @@ Model, by ``task_options.model``:
 Images are scaled to [0, 1] and normalised with ``(x - mean) / std``. Augmentation runs on the batch,
 on the training device, from the global RNG (which checkpoints restore), so a resumed run draws the same
 shifts and flips as an uninterrupted one.
+
+Each evaluation also writes Grad-CAM overlays (:func:`hfx.interpret.explain`, predicted class) of the first
+``gradcam_grid`` test images to ``samples/gradcam-step-<n>.png``; the model card shows the newest.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +31,10 @@ import torch.nn.functional as F
 
 from hfx.trainers.config import bounded
 from hfx.trainers.errors import ConfigError
-from hfx.trainers.tasks._image_tasks import ImageColumns, build_image_data
+from hfx.trainers.tasks._image_tasks import ImageColumns, build_image_data, write_sample_grids
 from hfx.trainers.tasks.base import Task, TaskData, register_task
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +53,8 @@ class ImageClassificationOptions(ImageColumns):
     """Translate each training image by up to this many pixels in x and y (edge padding)."""
     random_flip: bool = False
     """Flip training images left-right with probability 0.5 (not for digits or text)."""
+    gradcam_grid: int = bounded(8, ">=0")
+    """Test images in the Grad-CAM overlay grid written at each evaluation (and shown in the card); 0: none."""
 
 
 def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
@@ -136,15 +144,38 @@ class ImageClassificationTask(Task):
 
     @torch.no_grad()
     def evaluate(self, models, loader, state) -> dict[str, float]:
-        correct, total, loss_sum = 0, 0, 0.0
+        correct, total, loss_sum, first_batch = 0, 0, 0.0, None
         for batch in loader:
+            first_batch = batch if first_batch is None else first_batch
             logits = logits_of(models["model"], batch["pixel_values"]).float()
             losses = F.cross_entropy(logits, batch["labels"], reduction="none")
             hits, losses = self.accelerator.gather_for_metrics(((logits.argmax(-1) == batch["labels"]), losses))
             correct += int(hits.sum())
             total += hits.numel()
             loss_sum += float(losses.sum())
+        if self.accelerator.is_main_process and first_batch is not None and self.options.gradcam_grid > 0:
+            self._write_gradcam_grid(self.accelerator.unwrap_model(models["model"]), first_batch, state.global_step)
         return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1)}
+
+    def _write_gradcam_grid(self, model, batch, step: int) -> None:
+        """Grad-CAM of the predicted class over the first test images, upscaled to >= 64 px, one row."""
+        from diffusers.utils import make_image_grid
+
+        from hfx.interpret import explain, overlay
+
+        if self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):  # a forward on one process would hang
+            return
+        pixels = batch["pixel_values"][: self.options.gradcam_grid]
+        try:
+            heatmaps = explain(model, pixels, method="gradcam").heatmaps.cpu()
+        except ValueError as err:  # a model explain cannot read: the run goes on without the grid
+            logger.warning("no Grad-CAM grid in the card: %s", err)
+            return
+        images = (pixels.detach().float().cpu() * self.options.std + self.options.mean).clamp(0, 1)
+        scale = max(1, -(-64 // self.size))
+        tiles = [overlay(F.interpolate(image[None], scale_factor=scale, mode="nearest")[0], heat)
+                 for image, heat in zip(images, heatmaps)]
+        write_sample_grids(self, {"gradcam-": make_image_grid(tiles, rows=1, cols=len(tiles))}, step)
 
     def save(self, models, state_dicts, output_dir: Path) -> None:
         model = models["model"]
