@@ -1,6 +1,9 @@
 # The two commands of the README: `make demo` and `make test`. Both create .venv when it is missing and
 # install EXACTLY the versions of requirements.lock (the torch pair included), then hfx itself without
-# resolving anything; the stamp file re-runs the install when pyproject.toml or the lock changes.
+# resolving anything; the stamp file re-runs the install when pyproject.toml or the lock changes. The lock is a
+# complete `pip freeze`, installed with --no-deps: gradio declares pillow<13 and tomlkit<0.15, which the lock's
+# pillow 13.0.0 and tomlkit 0.15.2 do not meet, and gradio runs with both (tests/test_space.py drives it).
+# `make test` also installs Debian's chromium for the browser tests (`make browser`; it needs root).
 # `make lock` refreshes the lock from the ranges of pyproject.toml; `make test-latest` runs the suite
 # against what a user who runs `pip install hfx` gets today (not part of CI).
 SHELL := /bin/bash
@@ -15,14 +18,14 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # release that pyproject.toml excludes: make test-latest LATEST_EXTRA='transformers==5.24.0'
 LATEST_EXTRA ?=
 
-.PHONY: demo test lint bench venv lock test-latest clean
+.PHONY: demo test lint bench venv browser lock test-latest clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $$(grep -E '^(pip|setuptools)==' $(LOCK))
-	$(BIN)/python -m pip install --quiet -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -r $(LOCK)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@extra=$$($(BIN)/python -m pip freeze --all --exclude-editable | grep -vxFf <(grep -v '^#' $(LOCK)) || true); \
 	  if [ -n "$$extra" ]; then echo "note: $(VENV) holds packages or versions that $(LOCK) does not list" \
@@ -35,7 +38,17 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check .
 
-test: venv
+# The browser tests (pytest marker `browser`) drive the system's chromium through Playwright: no browser can be
+# downloaded at run time, so Debian's package is installed here. Without root (and no chromium) they skip, saying why.
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium (apt-get) for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "note: no chromium here and installing it needs root and apt-get: the browser tests will skip" \
+	  "(as root: apt-get install chromium)"; fi
+
+test: venv browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -568,6 +568,32 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------- space
+def _add_space(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="OUTPUT_DIR|REPO_ID",
+                        help="a run folder (with final/), a saved artifact folder, or a Hub repo id (the app loads it)")
+    parser.add_argument("--out", default=None,
+                        help="folder to write (default: OUTPUT_DIR/space for a run, ARTIFACT-space, or NAME-space)")
+    parser.add_argument("--push", action="store_true", help="also upload the folder as a Gradio Space (needs --repo-id)")
+    parser.add_argument("--repo-id", default=None, help="the Space to push to: user/name or org/name (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the Space private")
+
+
+def _run_space(args: argparse.Namespace) -> int:
+    from hfx.space import build_space, push_space
+
+    if args.push and not args.repo_id:
+        raise ValueError("--push needs --repo-id user/name (the Space to create or update)")
+    if args.repo_id and not args.push:
+        raise ValueError("--repo-id names the Space to push to: add --push")
+    folder = build_space(args.source, args.out)
+    manifest = json.loads((folder / ".hfx-space.json").read_text())
+    print(f"wrote {folder} ({manifest['kind']} app; run it with `python {folder / 'app.py'}`)")
+    if args.push:
+        print(push_space(folder, args.repo_id, private=args.private))
+    return 0
+
+
 # name -> (one-line help, add-arguments function, run function). Add a command with one line here.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "env": ("print versions of torch and the HF stack, the devices, and CUDA/bf16 support", _add_env, _run_env),
@@ -582,6 +608,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "card": ("(re)render the model card README.md of a run or artifact folder", _add_card, _run_card),
     "push": ("upload a run's final artifact, card and images to the Hub in one commit", _add_push, _run_push),
     "export": ("write a copy of an artifact that loads without hfx (--remote-code)", _add_export, _run_export),
+    "space": ("write a Gradio app (a Hugging Face Space) for an artifact; --push uploads it", _add_space, _run_space),
 }
 
 

@@ -1,7 +1,9 @@
 """A loopback Hugging Face Hub for the tests: the endpoints the real ``huggingface_hub`` client calls.
 
-Model repos live in memory as chains of commits, so branches, commit shas and revisions behave as on the
-Hub. Implemented (``<id>`` = ``namespace/name``, ``<rev>`` = branch name or 40-hex commit sha, URL-quoted):
+Model repos (and Spaces: ``type: space`` with an ``sdk``; their paths say ``spaces`` where a model's say ``models``
+or nothing, and :meth:`LoopbackHub.files` takes ``"spaces/<id>"``) live in memory as chains of commits, so
+branches, commit shas and revisions behave as on the Hub. Implemented (``<id>`` = ``namespace/name``, ``<rev>``
+= branch name or 40-hex commit sha, URL-quoted):
 
 ==========================================================  ==============================================
 ``POST /api/repos/create``                                  create (409 + url when it exists: ``exist_ok``)
@@ -91,6 +93,7 @@ class Repo:
     private: bool
     branches: dict[str, str]
     commits: dict[str, Commit]
+    sdk: str | None = None  # a Space's
 
     def resolve(self, revision: str) -> Commit | None:
         if revision in self.branches:
@@ -185,20 +188,24 @@ class LoopbackHub:
 
     def create_repo(self, body: dict, headers) -> tuple[int, dict]:
         self._authorized(headers, write=True)
-        if body.get("type", "model") != "model":
-            raise HubError(400, "this loopback Hub serves model repos only")
+        repo_type = body.get("type", "model")
+        if repo_type not in ("model", "space"):
+            raise HubError(400, "this loopback Hub serves model repos and Spaces only")
+        if repo_type == "space" and body.get("sdk") not in ("gradio", "docker", "static"):
+            raise HubError(400, f"a Space needs an sdk (gradio, docker or static), got {body.get('sdk')!r}")
         name, namespace = body.get("name"), body.get("organization") or USER
         if not name or not re.fullmatch(r"[\w.\-]+", name):
             raise HubError(400, f"invalid repo name {name!r}")
         repo_id = f"{namespace}/{name}"
+        key = repo_id if repo_type == "model" else f"spaces/{repo_id}"
         with self._lock:
-            if repo_id in self.repos:
-                return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
+            if key in self.repos:
+                return 409, {"error": f"You already created this {repo_type} repo", "url": f"{self.url}/{key}"}
             private = body.get("visibility") == "private" or bool(body.get("private"))
-            repo = self.repos[repo_id] = Repo(repo_id, private, {}, {})
+            repo = self.repos[key] = Repo(repo_id, private, {}, {}, body.get("sdk") if repo_type == "space" else None)
             self._new_commit(repo, "main", None, "initial commit", {
                 ".gitattributes": Blob(b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n", False)})
-        return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id, "id": repo_id}
+        return 200, {"url": f"{self.url}/{key}", "name": repo_id, "id": repo_id}
 
     def preupload(self, repo_id: str, revision: str, body: dict, headers) -> dict:
         repo = self._repo(repo_id, self._authorized(headers, write=True))
@@ -287,8 +294,9 @@ class LoopbackHub:
     def repo_info(self, repo_id: str, revision: str, headers) -> dict:
         repo = self._repo(repo_id, self._authorized(headers, write=False))
         commit = self._commit(repo, revision)
-        return {"id": repo_id, "modelId": repo_id, "sha": commit.sha, "private": repo.private, "tags": [],
+        info = {"id": repo.repo_id, "sha": commit.sha, "private": repo.private, "tags": [],
                 "lastModified": commit.date, "siblings": [{"rfilename": path} for path in sorted(commit.files)]}
+        return info | ({"sdk": repo.sdk} if repo.sdk else {"modelId": repo.repo_id})
 
     def tree(self, repo_id: str, revision: str, path: str, recursive: bool, headers) -> list[dict]:
         repo = self._repo(repo_id, self._authorized(headers, write=False))
@@ -335,10 +343,15 @@ class LoopbackHub:
 
 
 _REPO = r"(?P<repo>[\w.\-]+/[\w.\-]+)"
-_API_MODEL = re.compile(rf"^/api/models/{_REPO}(?:/(?P<op>revision|tree|preupload|commit|branch)/(?P<rev>[^/]+)(?P<rest>/.*)?)?$")
-_LFS_BATCH = re.compile(rf"^/{_REPO}\.git/info/lfs/objects/batch$")
+_API_MODEL = re.compile(rf"^/api/(?P<type>models|spaces)/{_REPO}(?:/(?P<op>revision|tree|preupload|commit|branch)/(?P<rev>[^/]+)(?P<rest>/.*)?)?$")
+_LFS_BATCH = re.compile(rf"^/(?P<type>spaces/)?{_REPO}\.git/info/lfs/objects/batch$")
 _LFS_OBJECT = re.compile(r"^/_lfs/(?P<oid>[0-9a-f]{64})(?P<verify>/verify)?$")
-_RESOLVE = re.compile(rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
+_RESOLVE = re.compile(rf"^/(?P<type>spaces/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
+
+
+def _key(match: re.Match) -> str:
+    """The key of :attr:`LoopbackHub.repos` a request path names: ``<id>`` for a model, ``spaces/<id>`` for a Space."""
+    return f"spaces/{match['repo']}" if (match["type"] or "").startswith("spaces") else match["repo"]
 
 
 def _make_handler(hub: LoopbackHub):
@@ -415,7 +428,7 @@ def _make_handler(hub: LoopbackHub):
                 hub._authorized(self.headers, write=True)
                 return self._json(200, {"type": "user", "name": USER, "auth": {"type": "access_token"}})
             if match := _API_MODEL.match(path):
-                repo_id, op, rev, rest = match["repo"], match["op"], match["rev"] or "main", match["rest"] or ""
+                repo_id, op, rev, rest = _key(match), match["op"], match["rev"] or "main", match["rest"] or ""
                 if method == "GET" and op in (None, "revision"):
                     return self._json(200, hub.repo_info(repo_id, rev, self.headers))
                 if method == "GET" and op == "tree":
@@ -429,7 +442,7 @@ def _make_handler(hub: LoopbackHub):
                 if method == "POST" and op == "branch":
                     return self._json(200, hub.create_branch(repo_id, rev, as_json(), self.headers))
             if method == "POST" and (match := _LFS_BATCH.match(path)):
-                return self._json(200, hub.lfs_batch(match["repo"], as_json(), self.headers))
+                return self._json(200, hub.lfs_batch(_key(match), as_json(), self.headers))
             if match := _LFS_OBJECT.match(path):
                 if method == "PUT" and not match["verify"]:
                     hub.lfs_put(match["oid"], body)
@@ -437,7 +450,7 @@ def _make_handler(hub: LoopbackHub):
                 if method == "POST" and match["verify"]:
                     return self._json(200, hub.lfs_verify(match["oid"], as_json()))
             if method in ("GET", "HEAD") and (match := _RESOLVE.match(path)):
-                commit, blob = hub.resolve(match["repo"], match["rev"], match["path"], self.headers)
+                commit, blob = hub.resolve(_key(match), match["rev"], match["path"], self.headers)
                 headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{blob.oid}"',
                            "Content-Type": "application/octet-stream"}
                 if blob.lfs:

@@ -18,7 +18,7 @@ import torch
 import yaml
 from diffusers import DiffusionPipeline
 from hub_server import VALID_TOKEN, hub_fixture  # noqa: F401  (the `hub` fixture)
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, hf_hub_download
 from safetensors.torch import load_file
 
 import hfx  # noqa: F401  (registers the pipeline)
@@ -173,7 +173,7 @@ def evaluator(tmp_path_factory) -> Path:
                                              "checkpoint.every_steps=null", "log.report_to=[]"]).final_dir
 
 
-def test_training_lowers_the_cycle_loss_and_the_pipeline_reloads_in_a_fresh_process(tmp_path, evaluator):
+def test_training_lowers_the_cycle_loss_and_the_pipeline_reloads_in_a_fresh_process(tmp_path, evaluator, hub):
     out = tmp_path / "run"
     config = recipe(out, {"evaluator": str(evaluator)}, train={**TINY["train"], "max_steps": 40},
                     eval={"every_steps": 40, "at_start": True})
@@ -209,6 +209,17 @@ def test_training_lowers_the_cycle_loss_and_the_pipeline_reloads_in_a_fresh_proc
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "CycleGANPipeline"
     assert np.array_equal(np.load(tmp_path / "got.npy"), expected)
+
+    # hfx push: the artifact and its card in one commit; loaded back by repo id, it translates the same
+    from hfx.hub import push
+
+    repo_id = hub.new_repo_id("cyclegan-run")
+    push(out, repo_id)
+    pulled = DiffusionPipeline.from_pretrained(repo_id, cache_dir=tmp_path / "cache")
+    assert type(pulled) is CycleGANPipeline
+    assert np.array_equal(pulled(images, direction="a_to_b", output_type="np").images, expected)
+    card = Path(hf_hub_download(repo_id, "README.md", cache_dir=tmp_path / "cache")).read_text()
+    assert "pipeline_tag: image-to-image" in card and "class_preserved_a_to_b" in card
 
 
 def test_a_sigkilled_run_resumes_bit_identically_with_its_image_pools(tmp_path):
@@ -373,3 +384,35 @@ def test_bad_pipeline_components_are_one_line_errors():
         with pytest.raises(ValueError) as error:
             build()
         assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
+
+
+NO_HFX = """
+import importlib.abc, sys
+
+class BlockHfx(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "hfx" or name.startswith("hfx."):
+            raise ImportError(f"importing {name} is blocked in this process")
+
+sys.meta_path.insert(0, BlockHfx())
+import torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+x = torch.linspace(0, 1, 2 * 16 * 16).reshape(2, 1, 16, 16)
+torch.save({"type": type(pipe).__name__, "images": pipe(x, direction="b_to_a", output_type="pt").images}, sys.argv[2])
+"""
+
+
+def test_the_remote_code_export_translates_the_same_where_hfx_cannot_be_imported(tmp_path):
+    from hfx.hub.export import export_remote_code
+
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    export_remote_code(tmp_path / "pipe", tmp_path / "export")
+    run = subprocess.run([sys.executable, "-c", NO_HFX, str(tmp_path / "export"), str(tmp_path / "out.pt")],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    exported = torch.load(tmp_path / "out.pt", weights_only=True)
+    x = torch.linspace(0, 1, 2 * 16 * 16).reshape(2, 1, 16, 16)
+    assert exported["type"] == "CycleGANPipeline"
+    assert torch.equal(exported["images"], pipe(x, direction="b_to_a", output_type="pt").images)

@@ -78,23 +78,9 @@ def push(
         HubAuthError: the token was rejected, or it may not write to ``repo_id``.
         HubUnreachableError: the endpoint cannot be reached or keeps failing.
     """
-    from huggingface_hub import HfApi, constants, get_token
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise ValueError(f"invalid repo id {repo_id!r}: {str(err).splitlines()[0]}") from None
-    if "/" not in repo_id:
-        raise ValueError(f"invalid repo id {repo_id!r}: expected 'user/name' or 'org/name'")
-    if revision is not None and (not revision or revision != revision.strip() or ".." in revision):
-        raise ValueError(f"invalid revision (branch name) {revision!r}")
+    _check_target(repo_id, revision)
     output = resolve_output(output_dir)
-    if constants.is_offline_mode():
-        raise HubUnreachableError("offline mode is on (HF_HUB_OFFLINE=1): pushing needs the Hub; unset HF_HUB_OFFLINE")
-    secret = token or get_token()
-    endpoint = constants.ENDPOINT
+    _check_online()
     with tempfile.TemporaryDirectory(prefix="hfx-push-") as tmp:
         folder = output.artifact_dir
         if remote_code:
@@ -112,18 +98,76 @@ def push(
         operations = _operations(output, folder, card_dir, include_checkpoints)
         kind = "remote-code " + output.kind if remote_code else output.kind
         message = commit_message or f"Upload {kind} with hfx"
+        return _commit(operations, repo_id, folder, private=private, revision=revision, message=message, token=token,
+                       max_retries=max_retries)
 
-        api = HfApi(endpoint=endpoint, token=token)
-        call = _Caller(endpoint, repo_id, secret, max_retries)
-        call("create the repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
-        branch = revision or "main"
-        if branch != "main":
-            call(f"create branch {branch!r}", lambda: api.create_branch(repo_id, branch=branch, exist_ok=True))
-        head = call("read the branch head", lambda: api.repo_info(repo_id, revision=branch).sha)
-        logger.info("pushing %d files from %s to %s@%s", len(operations), folder, repo_id, branch)
-        info = call("commit", lambda: api.create_commit(
-            repo_id, operations, commit_message=message, revision=branch, parent_commit=head),
-            landed=lambda: _landed(api, repo_id, branch, head))
+
+def push_files(
+    files: dict[str, str | Path],
+    repo_id: str,
+    *,
+    repo_type: str = "model",
+    space_sdk: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str,
+    token: str | None = None,
+    max_retries: int = 4,
+) -> str:
+    """Upload ``files`` (path in the repo -> local file) to ``repo_id`` (created if needed) in ONE commit, with
+    :func:`push`'s checks, retries and error messages. ``repo_type="space"`` with ``space_sdk="gradio"`` publishes
+    a Space (``hfx space --push``). Returns the URL of the commit."""
+    from huggingface_hub import CommitOperationAdd
+
+    _check_target(repo_id, revision)
+    _check_online()
+    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(source)) for path, source in sorted(files.items())]
+    return _commit(operations, repo_id, f"{len(files)} files", repo_type=repo_type, space_sdk=space_sdk, private=private,
+                   revision=revision, message=commit_message, token=token, max_retries=max_retries)
+
+
+def _check_target(repo_id: str, revision: str | None) -> None:
+    """A ValueError naming a ``repo_id`` or ``revision`` (branch) the Hub would refuse."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"invalid repo id {repo_id!r}: {str(err).splitlines()[0]}") from None
+    if "/" not in repo_id:
+        raise ValueError(f"invalid repo id {repo_id!r}: expected 'user/name' or 'org/name'")
+    if revision is not None and (not revision or revision != revision.strip() or ".." in revision):
+        raise ValueError(f"invalid revision (branch name) {revision!r}")
+
+
+def _check_online() -> None:
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        raise HubUnreachableError("offline mode is on (HF_HUB_OFFLINE=1): pushing needs the Hub; unset HF_HUB_OFFLINE")
+
+
+def _commit(operations: list, repo_id: str, source, *, repo_type: str = "model", space_sdk: str | None = None,
+            private: bool, revision: str | None, message: str, token: str | None, max_retries: int) -> str:
+    """Create the repo if needed, then commit ``operations`` to ``revision`` (default main) pinned to the branch
+    head it was built on; transient failures retried. Returns the commit URL."""
+    from huggingface_hub import HfApi, constants, get_token
+
+    endpoint = constants.ENDPOINT
+    api = HfApi(endpoint=endpoint, token=token)
+    call = _Caller(endpoint, repo_id, token or get_token(), max_retries)
+    call("create the repo", lambda: api.create_repo(repo_id, repo_type=repo_type, space_sdk=space_sdk, private=private,
+                                                    exist_ok=True))
+    branch = revision or "main"
+    if branch != "main":
+        call(f"create branch {branch!r}", lambda: api.create_branch(repo_id, repo_type=repo_type, branch=branch,
+                                                                     exist_ok=True))
+    head = call("read the branch head", lambda: api.repo_info(repo_id, repo_type=repo_type, revision=branch).sha)
+    logger.info("pushing %d files from %s to %s@%s", len(operations), source, repo_id, branch)
+    info = call("commit", lambda: api.create_commit(
+        repo_id, operations, repo_type=repo_type, commit_message=message, revision=branch, parent_commit=head),
+        landed=lambda: _landed(api, repo_id, branch, head, repo_type))
     return info if isinstance(info, str) else info.commit_url
 
 
@@ -153,12 +197,13 @@ def _operations(output: Output, folder: Path, card_dir: Path, include_checkpoint
     return [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(source)) for path, source in sorted(files.items())]
 
 
-def _landed(api, repo_id: str, branch: str, head: str) -> str | None:
+def _landed(api, repo_id: str, branch: str, head: str, repo_type: str = "model") -> str | None:
     """After a commit attempt whose answer was lost and whose retry found the branch moved: the URL of
     the commit now at the head (taken to be ours: pushes to one branch are expected to come one at a
     time), or ``None`` when the branch did not move."""
-    sha = api.repo_info(repo_id, revision=branch).sha
-    return None if sha == head else f"{api.endpoint}/{repo_id}/commit/{sha}"
+    sha = api.repo_info(repo_id, repo_type=repo_type, revision=branch).sha
+    where = repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"
+    return None if sha == head else f"{api.endpoint}/{where}/commit/{sha}"
 
 
 def _http_cause(err: BaseException):
