@@ -42,7 +42,7 @@ def test_digits_default_size_mode_and_reproducible_split():
 
 
 def test_unknown_names_and_options_are_named():
-    with pytest.raises(ValueError, match="valid names: digits, stdlib-docstrings, stdlib-text"):
+    with pytest.raises(ValueError, match="valid names: digits, digits-captions, digits-strokes, stdlib-docstrings, stdlib-text"):
         builtin_dataset("mnist")
     with pytest.raises(ValueError, match="no option 'size'.*image_size"):
         builtin_dataset("digits", size=8)

@@ -2,15 +2,20 @@
 
 from hfx.data.builtin import (
     BUILTIN_DATASETS,
+    CAPTION_ATTRIBUTES,
     DIGIT_NAMES,
+    HELDOUT_COMBINATIONS,
     STROKE_DOMAINS,
     builtin_dataset,
+    caption_for,
     digits,
+    digits_captions,
     digits_strokes,
     stdlib_files,
     stdlib_text,
 )
 from hfx.data.loading import load
 
-__all__ = ["BUILTIN_DATASETS", "DIGIT_NAMES", "STROKE_DOMAINS", "builtin_dataset", "digits", "digits_strokes", "load",
-           "stdlib_files", "stdlib_text"]
+__all__ = ["BUILTIN_DATASETS", "CAPTION_ATTRIBUTES", "DIGIT_NAMES", "HELDOUT_COMBINATIONS", "STROKE_DOMAINS",
+           "builtin_dataset", "caption_for", "digits", "digits_captions", "digits_strokes", "load", "stdlib_files",
+           "stdlib_text"]

@@ -5,7 +5,9 @@ on features), :mod:`~hfx.metrics.statistics` (streaming, mergeable moments), :mo
 (images -> features), :mod:`~hfx.metrics.lpips` and :mod:`~hfx.metrics.clip_score` (image-pair and
 image-text scores), :mod:`~hfx.metrics.modules` (the same as ``evaluate`` modules; load them with
 ``evaluate.load(hfx.metrics.module_path("fid"))``) and :mod:`~hfx.metrics.scoring` (images -> full report,
-what ``hfx evaluate`` prints).
+what ``hfx evaluate`` prints). Per-image measures: :mod:`~hfx.metrics.strokes` (stroke width) and
+:mod:`~hfx.metrics.attributes` (a drawn digit's size, position and thickness, the ``digits-captions`` attributes:
+:data:`DIGIT_ATTRIBUTES`).
 
 Example::
 
@@ -24,6 +26,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hfx.metrics.attributes import (
+    DIGIT_ATTRIBUTES,
+    measure_position,
+    measure_size,
+    measure_thickness,
+)
 from hfx.metrics.divergences import (
     empirical_distributions,
     js_divergence,
@@ -58,6 +66,7 @@ def module_path(name: str) -> str:
 
 
 __all__ = [
+    "DIGIT_ATTRIBUTES",
     "DOMAIN_MEASURES",
     "EVALUATE_MODULES",
     "FeatureStatistics",
@@ -70,6 +79,9 @@ __all__ = [
     "js_divergence",
     "kernel_inception_distance",
     "kl_divergence",
+    "measure_position",
+    "measure_size",
+    "measure_thickness",
     "module_path",
     "precision_recall",
     "stroke_width",
