@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-import yaml
 from diffusers import DiffusionPipeline
 from hub_server import VALID_TOKEN, hub_fixture  # noqa: F401  (the `hub` fixture)
 from huggingface_hub import HfApi, hf_hub_download
-from safetensors.torch import load_file
+from kill_resume import NO_HFX, assert_same_weights, full_killed_resumed
 
 import hfx  # noqa: F401  (registers the pipeline)
 from hfx.models.gan import CycleGANGenerator, PatchGANDiscriminator
@@ -226,36 +223,11 @@ def test_a_sigkilled_run_resumes_bit_identically_with_its_image_pools(tmp_path):
     config = recipe(tmp_path / "run", train={**TINY["train"], "max_steps": 80, "batch_size": 4},
                     scheduler={"name": "warmup_stable_decay", "options": {"num_decay_steps": 40, "decay_type": "linear"}},
                     eval={"every_steps": 40}, checkpoint={"every_steps": 20}, log={"every_steps": 7, "report_to": []})
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    done = subprocess.run([sys.executable, "-m", "hfx", "train", str(path), f"output_dir={full}"], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    proc = subprocess.Popen([sys.executable, "-m", "hfx", "train", str(path), f"output_dir={killed}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while not (killed / "checkpoint-40").is_dir():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint-40 before the run ended"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
-    assert not (killed / "final").exists(), "the run finished before it could be killed"
-    # the pools were full (5 of 5 images each) when the run died: the resumed run must continue from them
+    full, killed, _ = full_killed_resumed(config, tmp_path, kill_at=40)
+    # the pools were full (5 of 5 images each) when the run died: the resumed run continued from them
     pools = torch.load(killed / "checkpoint-40" / "task_state_0.pt", weights_only=True)["pools"]
     assert all(pool["images"].shape == (5, 1, 16, 16) for pool in pools.values())
-    resumed = subprocess.run([sys.executable, "-m", "hfx", "train", str(path), f"output_dir={killed}",
-                              "resume_from_checkpoint=latest"], env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr
-    for part in ("generator_ab", "generator_ba", "discriminator_a", "discriminator_b"):
-        a = load_file(full / "final" / part / "diffusion_pytorch_model.safetensors")
-        b = load_file(killed / "final" / part / "diffusion_pytorch_model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert_same_weights(full, killed, ["generator_ab", "generator_ba", "discriminator_a", "discriminator_b"])
     assert [r for r in records(full) if "eval/cycle_l1_a" in r] == [r for r in records(killed) if "eval/cycle_l1_a" in r]
     final_full = torch.load(full / "checkpoint-80" / "task_state_0.pt", weights_only=True)
     final_killed = torch.load(killed / "checkpoint-80" / "task_state_0.pt", weights_only=True)
@@ -386,21 +358,8 @@ def test_bad_pipeline_components_are_one_line_errors():
         assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
 
 
-NO_HFX = """
-import importlib.abc, sys
-
-class BlockHfx(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "hfx" or name.startswith("hfx."):
-            raise ImportError(f"importing {name} is blocked in this process")
-
-sys.meta_path.insert(0, BlockHfx())
-import torch
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
-x = torch.linspace(0, 1, 2 * 16 * 16).reshape(2, 1, 16, 16)
-torch.save({"type": type(pipe).__name__, "images": pipe(x, direction="b_to_a", output_type="pt").images}, sys.argv[2])
-"""
+NO_HFX_CALL = NO_HFX.format(call='pipe(torch.linspace(0, 1, 512).reshape(2, 1, 16, 16), direction="b_to_a", '
+                                   'output_type="pt").images')
 
 
 def test_the_remote_code_export_translates_the_same_where_hfx_cannot_be_imported(tmp_path):
@@ -409,10 +368,10 @@ def test_the_remote_code_export_translates_the_same_where_hfx_cannot_be_imported
     pipe = tiny_pipeline()
     pipe.save_pretrained(tmp_path / "pipe")
     export_remote_code(tmp_path / "pipe", tmp_path / "export")
-    run = subprocess.run([sys.executable, "-c", NO_HFX, str(tmp_path / "export"), str(tmp_path / "out.pt")],
+    run = subprocess.run([sys.executable, "-c", NO_HFX_CALL, str(tmp_path / "export"), str(tmp_path / "out.pt")],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     exported = torch.load(tmp_path / "out.pt", weights_only=True)
-    x = torch.linspace(0, 1, 2 * 16 * 16).reshape(2, 1, 16, 16)
+    x = torch.linspace(0, 1, 512).reshape(2, 1, 16, 16)
     assert exported["type"] == "CycleGANPipeline"
     assert torch.equal(exported["images"], pipe(x, direction="b_to_a", output_type="pt").images)

@@ -14,6 +14,7 @@ import torch
 from diffusers import DiffusionPipeline
 from hub_server import VALID_TOKEN, hub_fixture  # noqa: F401  (the `hub` fixture)
 from huggingface_hub import HfApi
+from kill_resume import NO_HFX
 
 import hfx  # noqa: F401  (registers the pipeline)
 from hfx.models.gan import GENERATORS, DCGANDiscriminator, DCGANGenerator, StyleGANGenerator
@@ -315,21 +316,8 @@ def test_bad_pipeline_components_are_one_line_errors():
         assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
-NO_HFX = """
-import importlib.abc, sys
-
-class BlockHfx(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "hfx" or name.startswith("hfx."):
-            raise ImportError(f"importing {name} is blocked in this process")
-
-sys.meta_path.insert(0, BlockHfx())
-import torch
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
-out = pipe(class_labels=[0, 2, 1], truncation_psi=0.7, generator=torch.Generator().manual_seed(0), output_type="pt")
-torch.save({"type": type(pipe).__name__, "images": out.images}, sys.argv[2])
-"""
+NO_HFX_CALL = NO_HFX.format(call="pipe(class_labels=[0, 2, 1], truncation_psi=0.7, "
+                                   "generator=torch.Generator().manual_seed(0), output_type='pt').images")
 
 
 def test_the_remote_code_export_samples_the_same_images_where_hfx_cannot_be_imported(tmp_path):
@@ -339,7 +327,7 @@ def test_the_remote_code_export_samples_the_same_images_where_hfx_cannot_be_impo
     pipe.save_pretrained(tmp_path / "pipe")
     export_remote_code(tmp_path / "pipe", tmp_path / "export")
     assert (tmp_path / "export" / "generator" / "stylegan_gan.py").is_file()
-    subprocess.run([sys.executable, "-c", NO_HFX, str(tmp_path / "export"), str(tmp_path / "out.pt")], check=True,
+    subprocess.run([sys.executable, "-c", NO_HFX_CALL, str(tmp_path / "export"), str(tmp_path / "out.pt")], check=True,
                    capture_output=True, timeout=120, cwd=tmp_path)
     exported = torch.load(tmp_path / "out.pt", weights_only=True)
     assert exported["type"] == "GANPipeline"

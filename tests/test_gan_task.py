@@ -6,18 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
+from kill_resume import assert_same_weights, full_killed_resumed
 
 from hfx.trainers import ConfigError, Trainer, load_config, train
 
@@ -169,34 +163,8 @@ def test_a_sigkilled_run_with_ema_resumes_bit_identically(tmp_path):
                                        "discriminator": {"base_channels": 8, "norm": "none", "spectral_norm": True}},
                     train={**TINY["train"], "max_steps": 240}, ema={"enabled": True, "decay": 0.9},
                     eval={"every_steps": 60}, checkpoint={"every_steps": 20}, log={"every_steps": 7, "report_to": []})
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    assert subprocess.run([sys.executable, "-m", "hfx", "train", str(path), f"output_dir={full}"], env=env,
-                          capture_output=True, timeout=300).returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", "hfx", "train", str(path), f"output_dir={killed}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while not (killed / "checkpoint-40").is_dir():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint-40 before the run ended"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
-    assert not (killed / "final").exists(), "the run finished before it could be killed"
-    resumed = subprocess.run([sys.executable, "-m", "hfx", "train", str(path), f"output_dir={killed}",
-                              "resume_from_checkpoint=latest"], env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr
-    saved = {}
-    for part in ("generator", "discriminator"):
-        a = load_file(full / "final" / part / "diffusion_pytorch_model.safetensors")
-        b = load_file(killed / "final" / part / "diffusion_pytorch_model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
-        saved[part] = a
+    full, killed, _ = full_killed_resumed(config, tmp_path, kill_at=40)
+    saved = assert_same_weights(full, killed, ["generator", "discriminator"])
     # the EMA generator's tracked mean w and spectral norm's power-iteration vectors came through too
     assert "w_avg" in saved["generator"] and any(k.endswith("_u") for k in saved["discriminator"])
     assert [r for r in records(full) if "eval/d_loss" in r] == [r for r in records(killed) if "eval/d_loss" in r]
