@@ -28,6 +28,7 @@ PIPELINES: list[tuple[str, list[str]]] = [
      ["hfx.models.noisy_classifier.modeling_noisy_classifier:NoisyClassifier", "hfx.models.vae.modeling_vae:HfxVAEModel"]),
     ("hfx.pipelines.pipeline_gan:GANPipeline", ["hfx.models.gan.modeling_gan:DCGANGenerator",
      "hfx.models.gan.stylegan_gan:StyleGANGenerator", "hfx.models.gan.modeling_gan:DCGANDiscriminator"]),
+    ("hfx.pipelines.pipeline_text_to_image:TextToImagePipeline", ["hfx.models.vae.modeling_vae:HfxVAEModel"]),
     ("hfx.pipelines.pipeline_cyclegan:CycleGANPipeline", ["hfx.models.gan.cyclegan_gan:CycleGANGenerator",
      "hfx.models.gan.cyclegan_gan:PatchGANDiscriminator"]),
 ]

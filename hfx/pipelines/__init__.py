@@ -8,6 +8,8 @@ from hfx.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 from hfx.pipelines.pipeline_cyclegan import CycleGANPipeline
 from hfx.pipelines.pipeline_gan import GANPipeline
 from hfx.pipelines.pipeline_latent_diffusion import LatentDiffusionPipeline
+from hfx.pipelines.pipeline_text_to_image import TextToImagePipeline
 from hfx.pipelines.utils import SCHEDULERS, class_grid, scheduler_from_name
 
-__all__ = ["SCHEDULERS", "ClassConditionalPipeline", "CycleGANPipeline", "GANPipeline", "LatentDiffusionPipeline", "class_grid", "scheduler_from_name"]
+__all__ = ["SCHEDULERS", "ClassConditionalPipeline", "CycleGANPipeline", "GANPipeline", "LatentDiffusionPipeline",
+           "TextToImagePipeline", "class_grid", "scheduler_from_name"]
