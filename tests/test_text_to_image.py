@@ -141,3 +141,20 @@ def test_bad_data_or_models_fail_before_training_in_one_line(vae, overrides, mes
         train(load_config("t2i-digits", [f"output_dir={tmp_path}", f"task_options.latent_vae={vae}", *TINY, *overrides]))
     assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
     assert not (tmp_path / "final").exists()
+
+
+def test_the_remote_code_export_samples_the_same_where_hfx_cannot_be_imported(run, tmp_path):
+    from kill_resume import NO_HFX
+
+    from hfx.hub.export import export_remote_code
+
+    export_remote_code(run.final_dir, tmp_path / "export")
+    call = "pipe('a big 8', num_inference_steps=2, generator=torch.Generator().manual_seed(3), output_type='pt').images"
+    done = subprocess.run([sys.executable, "-c", NO_HFX.format(call=call), str(tmp_path / "export"), str(tmp_path / "o.pt")],
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported = torch.load(tmp_path / "o.pt", weights_only=True)
+    pipe = TextToImagePipeline.from_pretrained(run.final_dir)
+    expected = pipe("a big 8", num_inference_steps=2, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert exported["type"] == "TextToImagePipeline" and torch.equal(exported["images"], expected)
