@@ -28,6 +28,29 @@ GUIDANCE = (0.0, 1.0, 3.0, 5.0, 7.5)
 ATTRIBUTES = ("size", "position", "thickness")
 
 
+def latent_pipeline_seconds(steps: int, n: int = 100, guidance: float = 2.0) -> float:
+    """Seconds per image of the class-conditional LatentDiffusionPipeline of ``ldm-digits`` (its UNet and the
+    ``vae-digits`` VAE, at random weights: the time does not depend on them) at ``guidance``, batch ``n``."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from hfx.models.vae import HfxVAEConfig, HfxVAEModel
+    from hfx.pipelines import LatentDiffusionPipeline
+
+    vae = HfxVAEModel(HfxVAEConfig(image_size=16, block_out_channels=[32, 64, 64], latent_channels=4,
+                                   norm_num_groups=8)).eval()
+    unet = UNet2DModel(sample_size=4, in_channels=4, out_channels=4, num_class_embeds=11, block_out_channels=[64, 128],
+                       down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+                       layers_per_block=2, norm_num_groups=8, attention_head_dim=8).eval()
+    pipe = LatentDiffusionPipeline(vae=vae, unet=unet, scheduler=DDIMScheduler(clip_sample=False),
+                                   class_names=[str(i) for i in range(10)])
+    pipe.set_progress_bar_config(disable=True)
+    pipe([i % 10 for i in range(n)], guidance_scale=guidance, num_inference_steps=2)  # warm-up
+    start = time.perf_counter()
+    pipe([i % 10 for i in range(n)], guidance_scale=guidance, num_inference_steps=steps,
+         generator=torch.Generator().manual_seed(0))
+    return (time.perf_counter() - start) / n
+
+
 def main() -> None:
     from hfx.data import digits_captions
     from hfx.metrics import DIGIT_ATTRIBUTES, frechet_distance
@@ -67,6 +90,7 @@ def main() -> None:
             table[f"{scale:g}"]["seconds_per_image"] = seconds / len(rows)
             print(split, scale, table[f"{scale:g}"], flush=True)
         results["splits"][split] = {"n": len(rows), "table": table}
+    results["latent_class_conditional_seconds_per_image"] = latent_pipeline_seconds(args.steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -77,6 +101,8 @@ def main() -> None:
             print(f"| {split} (N = {entry['n']}) | {scale} | {100 * r['class_accuracy']:.1f} % | "
                   f"{100 * r['size_accuracy']:.1f} % | {100 * r['position_accuracy']:.1f} % | "
                   f"{100 * r['thickness_accuracy']:.1f} % | {r['fid']:.2f} | {spi} |")
+    print(f"class-conditional latent pipeline (ldm-digits, guidance 2): "
+          f"{results['latent_class_conditional_seconds_per_image']:.4f} s / image")
 
 
 if __name__ == "__main__":
