@@ -98,6 +98,12 @@ def test_a_prompt_longer_than_the_encoder_reads_is_truncated_with_a_warning(run,
     assert out.shape == (1, 1, 24, 24)
     warning = " ".join(r.getMessage() for r in caplog.records)
     assert "tokens long; the text encoder reads 32: the last" in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hfx.pipelines.pipeline_text_to_image"):
+        blank = pipe("  \u200b ", num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert "has no token the text encoder knows: it is the empty prompt" in caplog.text
+    empty = pipe("", num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert torch.equal(blank, empty)
     truncated = pipe.tokenizer.decode(pipe.tokenizer(long, truncation=True, max_length=32)["input_ids"][1:-1])
     same = pipe(truncated, num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert torch.equal(out, same)

@@ -96,11 +96,16 @@ class TextToImagePipeline(FolderOrRepoLoading, DiffusionPipeline):
     def encode_prompt(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> ``(hidden states (B, max_length, width), attention mask (B, max_length))``. Prompts longer
         than :attr:`max_length` tokens are truncated, with a warning that names how many tokens were dropped;
-        the empty prompt is the unconditional one (the encoder still sees its special tokens)."""
+        the empty prompt is the unconditional one (the encoder still sees its special tokens), and so is a prompt
+        with nothing the tokenizer keeps (spaces, zero-width characters), with a warning."""
         encoded = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                                  return_tensors="pt")
         full = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        special = self.tokenizer.num_special_tokens_to_add()
         for prompt, ids in zip(prompts, full):
+            if prompt.strip() and len(ids) <= special:
+                logger.warning("the prompt %r has no token the text encoder knows: it is the empty prompt (the "
+                               "unconditional model)", prompt[:60])
             if len(ids) > self.max_length:
                 logger.warning("the prompt %r is %d tokens long; the text encoder reads %d: the last %d were "
                                "dropped", prompt[:60], len(ids), self.max_length, len(ids) - self.max_length)
