@@ -141,6 +141,9 @@ def test_bad_options_are_one_line_config_errors(overrides, message, tmp_path):
     (["task_options.text_column=caption"], "dataset 'digits-captions' has no column 'caption'"),
     (["task_options.text_encoder=/nowhere/encoder"], "task_options.text_encoder '/nowhere/encoder' cannot be loaded"),
     (["task_options.latent_vae=/nowhere"], "task_options.latent_vae '/nowhere' is not a saved VAE folder"),
+    (["task_options.max_length=1000"], "task_options.max_length=1000 exceeds what 'sentence-transformers/all-MiniLM-L6-v2'"
+                                       " reads (512 positions)"),
+    (["task_options.evaluator=/nowhere"], "task_options.evaluator '/nowhere' is not an image-classification artifact"),
 ])
 def test_bad_data_or_models_fail_before_training_in_one_line(vae, overrides, message, tmp_path):
     with pytest.raises((ConfigError, FileNotFoundError)) as error:

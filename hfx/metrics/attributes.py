@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hfx.metrics.strokes import stroke_width
+from hfx.metrics.strokes import ink_masks, stroke_width
 
 SIZE_NAMES = ("small", "large")
 POSITION_NAMES = ("left", "right")
@@ -46,14 +46,7 @@ def _ink(pixels: torch.Tensor | np.ndarray, low: float, high: float) -> np.ndarr
     """(B, 1, H, W) or (B, H, W) -> (B, H, W) bool: ink pixels, specks removed."""
     from scipy import ndimage
 
-    array = pixels.detach().float().cpu().numpy() if isinstance(pixels, torch.Tensor) else np.asarray(pixels, float)
-    if array.ndim == 4:
-        if array.shape[1] != 1:
-            raise ValueError(f"pixels must be greyscale (B, 1, H, W) or (B, H, W), got shape {array.shape}")
-        array = array[:, 0]
-    if array.ndim != 3:
-        raise ValueError(f"pixels must be greyscale (B, 1, H, W) or (B, H, W), got shape {array.shape}")
-    ink = array > (low + high) / 2
+    ink = ink_masks(pixels, low, high)
     for mask in ink:  # in place, image by image
         pieces, count = ndimage.label(mask, structure=np.ones((3, 3)))
         if count > 1:

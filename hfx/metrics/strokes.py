@@ -12,6 +12,22 @@ import numpy as np
 import torch
 
 
+def ink_masks(pixels: torch.Tensor | np.ndarray, low: float = -1.0, high: float = 1.0) -> np.ndarray:
+    """Greyscale images (B, 1, H, W) or (B, H, W) -> (B, H, W) bool: the pixels above the middle of ``[low, high]``.
+
+    Raises:
+        ValueError: another shape (or more than one channel).
+    """
+    array = pixels.detach().float().cpu().numpy() if isinstance(pixels, torch.Tensor) else np.asarray(pixels, float)
+    if array.ndim == 4:
+        if array.shape[1] != 1:
+            raise ValueError(f"pixels must be greyscale (B, 1, H, W) or (B, H, W), got shape {array.shape}")
+        array = array[:, 0]
+    if array.ndim != 3:
+        raise ValueError(f"pixels must be greyscale (B, 1, H, W) or (B, H, W), got shape {array.shape}")
+    return array > (low + high) / 2
+
+
 def stroke_width(pixels: torch.Tensor | np.ndarray, low: float = -1.0, high: float = 1.0) -> torch.Tensor:
     """Mean distance to the background of the ink pixels, per image: (B, 1, H, W) or (B, H, W) -> (B,) float64.
 
@@ -24,13 +40,6 @@ def stroke_width(pixels: torch.Tensor | np.ndarray, low: float = -1.0, high: flo
     """
     from scipy import ndimage
 
-    array = pixels.detach().float().cpu().numpy() if isinstance(pixels, torch.Tensor) else np.asarray(pixels, float)
-    if array.ndim == 4:
-        if array.shape[1] != 1:
-            raise ValueError(f"pixels must be greyscale (B, 1, H, W) or (B, H, W), got shape {array.shape}")
-        array = array[:, 0]
-    if array.ndim != 3:
-        raise ValueError(f"pixels must be greyscale (B, 1, H, W) or (B, H, W), got shape {array.shape}")
-    ink = array > (low + high) / 2
+    ink = ink_masks(pixels, low, high)
     widths = [ndimage.distance_transform_edt(mask)[mask].mean() if mask.any() else 0.0 for mask in ink]
     return torch.tensor(widths, dtype=torch.float64)

@@ -19,6 +19,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from hfx.pipelines.loading import FolderOrRepoLoading
+from hfx.pipelines.utils import image_output
 
 PipelineImages = PIL.Image.Image | np.ndarray | torch.Tensor | Sequence[PIL.Image.Image | np.ndarray | torch.Tensor]
 DIRECTIONS = ("a_to_b", "b_to_a")
@@ -201,12 +202,4 @@ class CycleGANPipeline(FolderOrRepoLoading, DiffusionPipeline):
         pixels = pixels.to(device=self._execution_device, dtype=generator.dtype)
 
         # 3. One generator call; [-1, 1] -> [0, 1].
-        translated = (generator(pixels).sample.float() / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            translated = translated.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                translated = self.numpy_to_pil(translated)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (translated,)
-        return ImagePipelineOutput(images=translated)
+        return image_output(self, generator(pixels).sample, output_type, return_dict)

@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from hfx.pipelines.loading import FolderOrRepoLoading
 from hfx.pipelines.pipeline_class_conditional import _checked_count, _checked_number
+from hfx.pipelines.utils import image_output
 
 ClassLabels = int | str | Sequence[int | str] | torch.Tensor | np.ndarray
 
@@ -243,12 +244,4 @@ class GANPipeline(FolderOrRepoLoading, DiffusionPipeline):
                                 generator=noise_generator).sample
 
         # 4. [-1, 1] -> [0, 1] images.
-        images = (images.float() / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            images = images.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return image_output(self, images, output_type, return_dict)

@@ -25,6 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from hfx.pipelines.loading import FolderOrRepoLoading
 from hfx.pipelines.pipeline_class_conditional import _checked_count, _checked_number
+from hfx.pipelines.utils import image_output
 
 logger = logging.getLogger(__name__)
 
@@ -214,13 +215,4 @@ class TextToImagePipeline(FolderOrRepoLoading, DiffusionPipeline):
 
         # 5. Decode; [-1, 1] -> [0, 1].
         decoded = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype))
-        images = decoded.sample if hasattr(decoded, "sample") else decoded
-        images = (images.float() / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            images = images.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return image_output(self, decoded.sample if hasattr(decoded, "sample") else decoded, output_type, return_dict)

@@ -17,6 +17,20 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
 }
 
 
+def image_output(pipe, images, output_type: str, return_dict: bool):
+    """The end of every hfx image pipeline's call: ``images`` (N, C, H, W) in [-1, 1] -> [0, 1] as ``"pt"``, ``"np"``
+    (N, H, W, C) or ``"pil"``; offload hooks freed; an ``ImagePipelineOutput`` or ``(images,)``."""
+    from diffusers import ImagePipelineOutput
+
+    images = (images.float() / 2 + 0.5).clamp(0, 1)
+    if output_type != "pt":
+        images = images.cpu().permute(0, 2, 3, 1).numpy()
+        if output_type == "pil":
+            images = pipe.numpy_to_pil(images)
+    pipe.maybe_free_model_hooks()
+    return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
 def scheduler_from_name(name: str, config) -> SchedulerMixin:
     """A scheduler of the named kind (``ddpm``, ``ddim``, ``dpm++``) built from another scheduler's
     config, so it keeps the training noise schedule and ``prediction_type``.

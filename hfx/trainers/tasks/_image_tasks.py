@@ -82,6 +82,23 @@ def build_image_data(task: Task, *, image_size: int | None = None, mean: float =
     return TaskData(train=train.with_transform(transform), eval=eval_set), info
 
 
+def check_evaluator(folder: str | None) -> None:
+    """``task_options.evaluator``, when set, must be an ``image-classification`` artifact: a ConfigError naming it."""
+    if folder and not (Path(folder) / "hfx_preprocessing.json").is_file():
+        raise ConfigError(f"task_options.evaluator {folder!r} is not an image-classification artifact "
+                          "(no hfx_preprocessing.json)")
+
+
+def trained_classifier(task: Task):
+    """The classifier of ``task.options.evaluator``, loaded on first use onto the task's device and kept."""
+    from hfx.metrics.classifier import TrainedImageClassifier
+
+    if getattr(task, "_evaluator", None) is None:
+        task._evaluator = TrainedImageClassifier(task.options.evaluator)
+        task._evaluator.model.to(task.accelerator.device)
+    return task._evaluator
+
+
 def to_pil_images(pixels: torch.Tensor) -> list:
     """(B, C, H, W) tensors in [-1, 1] -> PIL images (mode ``L`` for one channel, ``RGB`` for three)."""
     from PIL import Image

@@ -46,7 +46,14 @@ import torch
 from hfx.losses import GAN_LOSSES, cycle_consistency_loss, identity_loss
 from hfx.trainers.config import bounded
 from hfx.trainers.errors import ConfigError
-from hfx.trainers.tasks._image_tasks import ImageColumns, build_image_data, image_grid, write_sample_grids
+from hfx.trainers.tasks._image_tasks import (
+    ImageColumns,
+    build_image_data,
+    check_evaluator,
+    image_grid,
+    trained_classifier,
+    write_sample_grids,
+)
 from hfx.trainers.tasks.base import Task, TaskData, register_task, with_weights
 
 #: The model arguments the data decides: a recipe may not set them.
@@ -190,9 +197,7 @@ class CycleGANTask(Task):
         for name, indices in zip(domains, (a, b)):
             if not indices:
                 raise ConfigError(f"the train split has no image of domain {name!r} (column {opts.domain_column!r})")
-        if opts.evaluator and not (Path(opts.evaluator) / "hfx_preprocessing.json").is_file():
-            raise ConfigError(f"task_options.evaluator {opts.evaluator!r} is not an image-classification artifact "
-                              "(no hfx_preprocessing.json)")
+        check_evaluator(opts.evaluator)
         self.train_sizes = (len(a), len(b))
         return TaskData(train=UnpairedImages(data.train, a, b, self.config.seed), eval=data.eval)
 
@@ -344,12 +349,7 @@ class CycleGANTask(Task):
         return image_grid(torch.cat([r[:n] for r in rows]), rows=6)
 
     def evaluator(self):
-        from hfx.metrics.classifier import TrainedImageClassifier
-
-        if not hasattr(self, "_evaluator"):
-            self._evaluator = TrainedImageClassifier(self.options.evaluator)
-            self._evaluator.model.to(self.accelerator.device)
-        return self._evaluator
+        return trained_classifier(self)
 
     # ------------------------------------------------------------------------------------------ artifact
     def save(self, models, state_dicts, output_dir: Path) -> None:

@@ -100,6 +100,15 @@ def load_vae(path: str):
     return vae.eval().requires_grad_(False)
 
 
+def latent_sample(batch, vae, sample_posterior: bool = True) -> torch.Tensor:
+    """A batch of :class:`LatentPosteriors` items -> latents at the diffusion scale: a posterior draw (or its mean)
+    times the VAE's ``scaling_factor``."""
+    z = batch["latent_mean"]
+    if sample_posterior:
+        z = z + batch["latent_std"] * torch.randn_like(z)
+    return z * vae.config.scaling_factor
+
+
 class LatentPosteriors(torch.utils.data.Dataset):
     """Images encoded once: each item is the posterior ``latent_mean``, ``latent_std`` (C, h, w) and label."""
 
@@ -166,10 +175,7 @@ class DiffusionTask(Task):
         """``x_0`` of a batch: the pixels, or (latent diffusion) a posterior draw times ``scaling_factor``."""
         if self.vae is None:
             return batch["pixel_values"]
-        z = batch["latent_mean"]
-        if sample_posterior:
-            z = z + batch["latent_std"] * torch.randn_like(z)
-        return z * self.vae.config.scaling_factor
+        return latent_sample(batch, self.vae, sample_posterior)
 
     def loss(self, models, batch, state):
         x0, labels = self.clean_sample(batch), batch["labels"]

@@ -41,7 +41,14 @@ import torch
 from hfx.losses import GAN_LOSSES, clip_weights_, gradient_penalty, r1_penalty
 from hfx.trainers.config import bounded
 from hfx.trainers.errors import ConfigError
-from hfx.trainers.tasks._image_tasks import ImageColumns, build_image_data, image_grid, write_sample_grids
+from hfx.trainers.tasks._image_tasks import (
+    ImageColumns,
+    build_image_data,
+    check_evaluator,
+    image_grid,
+    trained_classifier,
+    write_sample_grids,
+)
 from hfx.trainers.tasks.base import Task, TaskData, register_task, with_weights
 
 # The model arguments the data decides: a recipe may not set them.
@@ -132,9 +139,7 @@ class GANTask(Task):
 
     def build_data(self) -> TaskData:
         data, self.info = build_image_data(self)
-        if self.options.evaluator and not (Path(self.options.evaluator) / "hfx_preprocessing.json").is_file():
-            raise ConfigError(f"task_options.evaluator {self.options.evaluator!r} is not an image-classification "
-                              "artifact (no hfx_preprocessing.json)")
+        check_evaluator(self.options.evaluator)
         return data
 
     def build_models(self) -> dict[str, torch.nn.Module]:
@@ -253,12 +258,7 @@ class GANTask(Task):
 
     def evaluator(self):
         """The classifier of ``task_options.evaluator`` (loaded on first use, on the models' device)."""
-        from hfx.metrics.classifier import TrainedImageClassifier
-
-        if not hasattr(self, "_evaluator"):
-            self._evaluator = TrainedImageClassifier(self.options.evaluator)
-            self._evaluator.model.to(self.accelerator.device)
-        return self._evaluator
+        return trained_classifier(self)
 
     def sample_metrics(self, G) -> dict[str, float]:
         """FID, KID, class histogram and (conditional) accuracy of ``eval_num_samples`` samples at fixed noise."""

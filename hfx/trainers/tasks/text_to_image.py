@@ -35,12 +35,14 @@ from hfx.trainers.tasks._image_tasks import (
     ImageColumns,
     NoiseScheduleOptions,
     build_image_data,
+    check_evaluator,
     image_grid,
     noise_scheduler,
+    trained_classifier,
     write_sample_grids,
 )
 from hfx.trainers.tasks.base import Task, TaskData, register_task, with_weights
-from hfx.trainers.tasks.diffusion import LatentPosteriors, load_vae
+from hfx.trainers.tasks.diffusion import LatentPosteriors, latent_sample, load_vae
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,9 @@ def load_text_encoder(name: str, max_length: int):
         raise ConfigError(f"task_options.text_encoder {name!r} cannot be loaded: {first}") from None
     if getattr(encoder.config, "hidden_size", None) is None:
         raise ConfigError(f"task_options.text_encoder {name!r} has no hidden_size: not a transformers text encoder")
+    positions = getattr(encoder.config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        raise ConfigError(f"task_options.max_length={max_length} exceeds what {name!r} reads ({positions} positions)")
     tokenizer.model_max_length = max_length
     return encoder.eval().requires_grad_(False), tokenizer
 
@@ -179,9 +184,7 @@ class TextToImageTask(Task):
         if opts.text_column not in raw["train"].column_names:
             raise ConfigError(f"dataset {self.config.data.dataset!r} has no column {opts.text_column!r} (columns: "
                               f"{', '.join(raw['train'].column_names)}); set task_options.text_column")
-        if opts.evaluator and not (Path(opts.evaluator) / "hfx_preprocessing.json").is_file():
-            raise ConfigError(f"task_options.evaluator {opts.evaluator!r} is not an image-classification artifact "
-                              "(no hfx_preprocessing.json)")
+        check_evaluator(opts.evaluator)
         self.vae = load_vae(opts.latent_vae)
         size = getattr(self.vae.config, "image_size", None) or getattr(self.vae.config, "sample_size", None)
         if size != self.info.size or self.vae.config.in_channels != self.info.channels:
@@ -217,10 +220,7 @@ class TextToImageTask(Task):
 
     # ------------------------------------------------------------------------------------------ the loss
     def clean_sample(self, batch, sample_posterior: bool = True) -> torch.Tensor:
-        z = batch["latent_mean"]
-        if sample_posterior:
-            z = z + batch["latent_std"] * torch.randn_like(z)
-        return z * self.vae.config.scaling_factor
+        return latent_sample(batch, self.vae, sample_posterior)
 
     def condition(self, batch, drop: torch.Tensor | None):
         """The batch's text states and masks, the rows of ``drop`` replaced by the empty prompt's."""
@@ -269,12 +269,7 @@ class TextToImageTask(Task):
         return metrics
 
     def evaluator(self):
-        from hfx.metrics.classifier import TrainedImageClassifier
-
-        if not hasattr(self, "_evaluator"):
-            self._evaluator = TrainedImageClassifier(self.options.evaluator)
-            self._evaluator.model.to(self.accelerator.device)
-        return self._evaluator
+        return trained_classifier(self)
 
     def sample_metrics(self, pipe) -> dict[str, float]:
         """Class and attribute accuracy of one image for each of the first ``eval_samples`` eval captions."""
