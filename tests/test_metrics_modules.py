@@ -19,13 +19,17 @@ from hfx.metrics.modules import (
     FrechetInceptionDistance,
     InceptionScore,
     KernelInceptionDistance,
+    KNNAccuracy,
     LearnedPerceptualImagePatchSimilarity,
+    LinearProbeAccuracy,
     PrecisionRecallMetric,
+    ZeroShotAccuracy,
 )
 
 RNG = np.random.default_rng(0)
 GENERATED = RNG.normal(size=(40, 6))
 REFERENCE = RNG.normal(size=(55, 6)) + 0.3
+LABELS, TRAIN_LABELS = RNG.integers(3, size=40), RNG.integers(3, size=55)
 
 
 
@@ -58,6 +62,18 @@ def test_every_module_loads_offline_and_equals_the_direct_class(tmp_path):
         "clip_score": (CLIPScoreMetric, dict(predictions=GENERATED[:4], references=REFERENCE[:4]),
                        {"clip_score": float(metrics.clip_score.clip_score_from_embeddings(GENERATED[:4],
                                                                                          REFERENCE[:4]).mean())}),
+        "knn_accuracy": (KNNAccuracy, dict(predictions=GENERATED[:20], references=LABELS[:20], k=5,
+                                           train_features=REFERENCE, train_labels=TRAIN_LABELS),
+                         {"knn_accuracy": metrics.knn_accuracy(REFERENCE, TRAIN_LABELS, GENERATED[:20], LABELS[:20], 5)}),
+        "linear_probe": (LinearProbeAccuracy, dict(predictions=GENERATED[:20], references=LABELS[:20],
+                                                   train_features=REFERENCE, train_labels=TRAIN_LABELS),
+                         {"linear_probe_accuracy": metrics.linear_probe_accuracy(REFERENCE, TRAIN_LABELS,
+                                                                                 GENERATED[:20], LABELS[:20])}),
+        "zero_shot_accuracy": (ZeroShotAccuracy, dict(predictions=GENERATED[:20], references=LABELS[:20],
+                                                      class_text_features=REFERENCE[:9].reshape(3, 3, 6)),
+                               {"zero_shot_accuracy": metrics.zero_shot_accuracy(GENERATED[:20], LABELS[:20],
+                                                                                 REFERENCE[:9].reshape(3, 3, 6)),
+                                "n_prompts": 3}),
     }
     assert set(cases) == set(metrics.EVALUATE_MODULES)
     for name, (cls, inputs, expected) in cases.items():
@@ -65,9 +81,10 @@ def test_every_module_loads_offline_and_equals_the_direct_class(tmp_path):
         direct = cls().compute(**inputs)
         assert type(evaluate.load(metrics.module_path(name))) is cls
         assert loaded == direct, name
+        if name == "clip_score":
+            assert loaded["n_pairs"] == 4
         for key, value in expected.items():
             assert loaded[key] == pytest.approx(value, rel=1e-12), (name, key)
-    assert loaded["n_pairs"] == 4
     with pytest.raises(ValueError, match="unknown metric module 'is'"):
         metrics.module_path("is")
 

@@ -1,4 +1,6 @@
-"""Generative-model metrics: FID, KID, Inception Score, precision/recall, LPIPS, CLIP score, divergences.
+"""Generative-model metrics: FID, KID, Inception Score, precision/recall, LPIPS, CLIP score, divergences; and
+metrics of representations: k-NN and linear-probe accuracy, zero-shot accuracy, the collapse monitor
+(:mod:`~hfx.metrics.representation`).
 
 Layers, bottom up: :mod:`~hfx.metrics.functional` and :mod:`~hfx.metrics.divergences` (pure float64 math
 on features), :mod:`~hfx.metrics.statistics` (streaming, mergeable moments), :mod:`~hfx.metrics.extractors`
@@ -48,6 +50,13 @@ from hfx.metrics.functional import (
     kernel_inception_distance,
     precision_recall,
 )
+from hfx.metrics.representation import (
+    feature_std,
+    knn_accuracy,
+    labels_per_class,
+    linear_probe_accuracy,
+    zero_shot_accuracy,
+)
 from hfx.metrics.statistics import FeatureStatistics
 from hfx.metrics.strokes import stroke_width
 
@@ -55,7 +64,8 @@ from hfx.metrics.strokes import stroke_width
 #: in [-1, 1] -> (B,) numbers.
 DOMAIN_MEASURES = {"stroke_width": stroke_width}
 
-EVALUATE_MODULES = ("fid", "kid", "inception_score", "precision_recall", "lpips", "clip_score")
+EVALUATE_MODULES = ("fid", "kid", "inception_score", "precision_recall", "lpips", "clip_score", "knn_accuracy",
+                    "linear_probe", "zero_shot_accuracy")
 
 
 def module_path(name: str) -> str:
@@ -73,12 +83,16 @@ __all__ = [
     "MeanStd",
     "PrecisionRecall",
     "empirical_distributions",
+    "feature_std",
     "frechet_distance",
     "frechet_distance_from_statistics",
     "inception_score",
     "js_divergence",
     "kernel_inception_distance",
     "kl_divergence",
+    "knn_accuracy",
+    "labels_per_class",
+    "linear_probe_accuracy",
     "measure_position",
     "measure_size",
     "measure_thickness",
@@ -87,4 +101,5 @@ __all__ = [
     "stroke_width",
     "total_variation",
     "wasserstein_1d",
+    "zero_shot_accuracy",
 ]

@@ -221,3 +221,75 @@ class CLIPScoreMetric(evaluate.Metric):
         scores = clip_score_from_embeddings(np.asarray(predictions, dtype=np.float64),
                                             np.asarray(references, dtype=np.float64))
         return {"clip_score": float(scores.mean()), "n_pairs": len(scores), **(extractor or {})}
+
+
+_CITATION_DINO = """@inproceedings{caron2021emerging, title={Emerging Properties in Self-Supervised Vision Transformers},
+author={Caron, Mathilde and others}, booktitle={ICCV}, year={2021}}"""
+_CITATION_CLIP_ZS = """@inproceedings{radford2021learning, title={Learning Transferable Visual Models From Natural
+Language Supervision}, author={Radford, Alec and others}, booktitle={ICML}, year={2021}}"""
+_LABELLED = datasets.Features({"predictions": _VECTOR, "references": datasets.Value("int64")})
+
+
+class KNNAccuracy(evaluate.Metric):
+    """k-NN accuracy of frozen features, as DINO's ``eval_knn``: ``predictions`` test features, ``references``
+    their labels; ``train_features`` / ``train_labels`` the labelled pool (passed to ``compute``), ``k`` (20) and
+    ``temperature`` (0.07). Returns ``{"knn_accuracy", "k", "temperature", "n_train", "n_test"}``."""
+
+    def _info(self):
+        return evaluate.MetricInfo(description="Weighted k-NN (cosine, votes exp(sim / T)) top-1 accuracy.",
+                                   citation=_CITATION_DINO, features=_LABELLED,
+                                   inputs_description="predictions: test features [N, D]; references: labels [N]; "
+                                                      "train_features [M, D], train_labels [M] as compute options")
+
+    def _compute(self, predictions, references, train_features=None, train_labels=None, k=20, temperature=0.07):
+        from hfx.metrics.representation import knn_accuracy
+
+        if train_features is None or train_labels is None:
+            raise ValueError("knn_accuracy needs train_features and train_labels (the labelled pool)")
+        accuracy = knn_accuracy(np.asarray(train_features, dtype=np.float64), np.asarray(train_labels),
+                                np.asarray(predictions, dtype=np.float64), np.asarray(references), k, temperature)
+        return {"knn_accuracy": accuracy, "k": k, "temperature": temperature, "n_train": len(train_labels),
+                "n_test": len(references)}
+
+
+class LinearProbeAccuracy(evaluate.Metric):
+    """Linear-probe accuracy of frozen features: a logistic regression fitted on ``train_features`` /
+    ``train_labels`` (compute options) and scored on ``predictions`` (test features) / ``references`` (labels).
+    Returns ``{"linear_probe_accuracy", "c", "n_train", "n_test"}``."""
+
+    def _info(self):
+        return evaluate.MetricInfo(description="Accuracy of a logistic regression on standardised frozen features.",
+                                   citation=_CITATION_DINO, features=_LABELLED,
+                                   inputs_description="predictions: test features [N, D]; references: labels [N]; "
+                                                      "train_features [M, D], train_labels [M] as compute options")
+
+    def _compute(self, predictions, references, train_features=None, train_labels=None, c=1.0):
+        from hfx.metrics.representation import linear_probe_accuracy
+
+        if train_features is None or train_labels is None:
+            raise ValueError("linear_probe needs train_features and train_labels (the labelled pool)")
+        accuracy = linear_probe_accuracy(np.asarray(train_features, dtype=np.float64), np.asarray(train_labels),
+                                         np.asarray(predictions, dtype=np.float64), np.asarray(references), c)
+        return {"linear_probe_accuracy": accuracy, "c": c, "n_train": len(train_labels), "n_test": len(references)}
+
+
+class ZeroShotAccuracy(evaluate.Metric):
+    """Zero-shot classification accuracy of an image-text model: ``predictions`` image embeddings, ``references``
+    labels, ``class_text_features`` (compute option) the text embeddings of each class, (C, D) or (C, P, D) for a
+    prompt ensemble (averaged per class). Returns ``{"zero_shot_accuracy", "n_classes", "n_prompts", "n_images"}``."""
+
+    def _info(self):
+        return evaluate.MetricInfo(description="Accuracy of the class whose (ensembled) text embedding is nearest.",
+                                   citation=_CITATION_CLIP_ZS, features=_LABELLED,
+                                   inputs_description="predictions: image embeddings [N, D]; references: labels [N]; "
+                                                      "class_text_features [C, D] or [C, P, D] as a compute option")
+
+    def _compute(self, predictions, references, class_text_features=None):
+        from hfx.metrics.representation import zero_shot_accuracy
+
+        if class_text_features is None:
+            raise ValueError("zero_shot_accuracy needs class_text_features: (C, D) or (C, P, D) text embeddings")
+        texts = np.asarray(class_text_features, dtype=np.float64)
+        accuracy = zero_shot_accuracy(np.asarray(predictions, dtype=np.float64), np.asarray(references), texts)
+        return {"zero_shot_accuracy": accuracy, "n_classes": texts.shape[0],
+                "n_prompts": texts.shape[1] if texts.ndim == 3 else 1, "n_images": len(references)}
