@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from hfx.trainers.config import bounded
 from hfx.trainers.errors import ConfigError
-from hfx.trainers.tasks._image_tasks import ImageColumns
-from hfx.trainers.tasks.base import Task
+from hfx.trainers.tasks._image_tasks import ImageColumns, build_image_data
+from hfx.trainers.tasks.base import Task, TaskData
 
 logger = logging.getLogger(__name__)
 
@@ -161,12 +161,173 @@ def representation_metrics(task: Task, encode: Callable[[torch.Tensor], torch.Te
 
 
 def save_timm_backbone(backbone: torch.nn.Module, state_dict: dict[str, torch.Tensor], model_args: dict[str, Any],
-                       output_dir, extra_config: dict[str, Any] | None = None) -> None:
+                       output_dir, extra_config: dict[str, Any] | None = None,
+                       data_config: dict[str, Any] | None = None) -> None:
     """Write the backbone as timm's Hub layout (``config.json`` + ``model.safetensors``), loadable without hfx by
-    ``timm.create_model("local-dir:<dir>", pretrained=True)`` (``hf-hub:<repo>`` once pushed)."""
+    ``timm.create_model("local-dir:<dir>", pretrained=True)`` (``hf-hub:<repo>`` once pushed). ``data_config``
+    (``input_size``, ``mean``, ``std``, ...) is the preprocessing ``timm.data.resolve_data_config`` then gives."""
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
 
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(output_dir / "model.safetensors"))
     save_config_for_hf(backbone, str(output_dir / "config.json"), model_args=model_args,
-                       model_config=extra_config or {})
+                       model_config=extra_config or {}, data_config=data_config)
+
+
+# ================================================================================== the two-view contrastive tasks
+@dataclass
+class ContrastiveOptions(RepresentationOptions):
+    """The ``task_options`` of the two-view contrastive tasks (``simclr``, ``moco``): the loss temperature, the
+    projection head and the views."""
+
+    temperature: float = bounded(0.5, ">0")
+    """Softmax temperature of the contrastive loss."""
+    projection_dim: int = bounded(128, ">=1")
+    """Output size of the projection head (the space the loss compares in)."""
+    projection_hidden_dim: int = bounded(512, ">=1")
+    projection_layers: int = bounded(2, ">=1")
+    """Linear layers of the projection head (1: a linear map; SimCLR and MoCo v2: 2)."""
+    projection_batch_norm: bool = True
+    """BatchNorm after each hidden layer of the head (SimCLR's; MoCo v2's head has none)."""
+    crop_scale: tuple[float, float] = bounded((0.4, 1.0), "(0,1]")
+    """Area fraction of the random resized crop of each view (low, high)."""
+    max_rotation: float = bounded(15.0, ">=0")
+    """Degrees of random rotation of each view, either way."""
+    jitter: float = bounded(0.4, "[0,1)")
+    """Brightness and contrast jitter of each view."""
+
+    def __post_init__(self):
+        low, high = self.crop_scale
+        if low > high:
+            raise ConfigError(f"task_options.crop_scale must be (low, high) with low <= high, got {list(self.crop_scale)}")
+
+
+class ProjectionHead(torch.nn.Sequential):
+    """SimCLR's projection g(.) (MoCo v2's MLP head): ``num_layers - 1`` times [Linear, BatchNorm1d (if
+    ``batch_norm``), ReLU], then a Linear to ``out_features``. (B, in_features) -> (B, out_features). It is
+    trained with the backbone and dropped afterwards: the representation is the backbone's output."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int, num_layers: int = 2,
+                 batch_norm: bool = True):
+        layers, width = [], in_features
+        for _ in range(num_layers - 1):
+            layers.append(torch.nn.Linear(width, hidden_features, bias=not batch_norm))
+            if batch_norm:
+                layers.append(torch.nn.BatchNorm1d(hidden_features))
+            layers.append(torch.nn.ReLU(inplace=True))
+            width = hidden_features
+        layers.append(torch.nn.Linear(width, out_features))
+        super().__init__(*layers)
+
+
+def feature_dim(backbone: torch.nn.Module, options: RepresentationOptions, channels: int, size: int) -> int:
+    """D of the backbone's (B, D) features for ``size`` x ``size`` images of ``channels`` channels, from one forward
+    in eval mode (no RNG drawn, no statistics updated). A backbone that cannot take such images is a ConfigError."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            out = backbone(torch.zeros(2, channels, size, size))
+    except Exception as err:
+        hint = f" (a ViT needs task_options.backbone_options.img_size: {size})" if "vit" in options.backbone else ""
+        raise ConfigError(f"task_options.backbone {options.backbone!r} cannot take {size}x{size} images with "
+                          f"{channels} channel(s){hint}: {_first_line(err)}") from None
+    finally:
+        backbone.train(was_training)
+    if not torch.is_tensor(out) or out.ndim != 2:
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ConfigError(f"task_options.backbone {options.backbone!r} returns {shape}, not pooled (B, D) features")
+    return int(out.shape[1])
+
+
+@torch.no_grad()
+def momentum_update(target: torch.nn.Module, source: torch.nn.Module, momentum: float) -> None:
+    """``target <- momentum * target + (1 - momentum) * source``, parameter by parameter: MoCo's key encoder (a
+    teacher of BYOL or DINO the same way). Buffers (BatchNorm statistics) stay the target's own, as in MoCo."""
+    targets, sources = list(target.parameters()), [p.detach() for p in source.parameters()]
+    if len(targets) != len(sources):
+        raise ValueError(f"momentum_update: the target has {len(targets)} parameters, the source {len(sources)}")
+    torch._foreach_lerp_(targets, sources, 1.0 - momentum)
+
+
+class ContrastiveTask(Task):
+    """What ``simclr`` and ``moco`` share: the images, a timm backbone with a projection head (models ``backbone``
+    and ``projection_head``), the views, the frozen-feature evaluation plus the loss on fixed views of the eval
+    split, and the artifact: the backbone alone, as a plain timm model. A subclass writes :meth:`view_loss`."""
+
+    Options = ContrastiveOptions
+    hub_task_type = "image-feature-extraction"
+    eval_seed = 60_000
+    #: The method's name in the model card.
+    method_name: str = ""
+
+    def build_data(self) -> TaskData:
+        opts = self.options
+        data, self.info = build_image_data(self, mean=opts.mean, std=opts.std)
+        # The evaluation embeds the train split as it is (unaugmented): the views are drawn on the batch.
+        self.train_set, self.eval_set = data.train, data.eval
+        return data
+
+    def build_encoder(self) -> dict[str, torch.nn.Module]:
+        """The query encoder: ``{"backbone": timm model, "projection_head": ProjectionHead}``."""
+        opts, info = self.options, self.info
+        backbone = build_backbone(opts, info.channels)
+        self.feature_dim = feature_dim(backbone, opts, info.channels, info.size)
+        self.model_args = {"in_chans": info.channels, "num_classes": 0, **opts.backbone_options}
+        self.num_parameters = sum(p.numel() for p in backbone.parameters())
+        head = ProjectionHead(self.feature_dim, opts.projection_hidden_dim, opts.projection_dim, opts.projection_layers,
+                              opts.projection_batch_norm)
+        return {"backbone": backbone, "projection_head": head}
+
+    def views(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One random view of each image (:func:`random_views` with the task's options; the background fill is the
+        normalised 0)."""
+        opts = self.options
+        return random_views(pixels, self.info.size, tuple(opts.crop_scale), opts.max_rotation, opts.jitter,
+                            fill=-opts.mean / opts.std, generator=generator)
+
+    def view_loss(self, models: dict[str, torch.nn.Module], pixels: torch.Tensor,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """The method's loss on two views of ``pixels`` drawn from ``generator`` (None: the global RNG), without
+        changing any task state: what the evaluation reports on the eval split."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, models, loader, state) -> dict[str, float]:
+        backbone = self.accelerator.unwrap_model(models["backbone"])
+        metrics = representation_metrics(self, backbone, self.train_set, self.eval_set)
+        plain = {name: self.accelerator.unwrap_model(model) for name, model in models.items()}
+        total = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
+        for index, batch in enumerate(loader):
+            pixels = batch["pixel_values"]
+            loss = self.view_loss(plain, pixels, self.eval_generator(pixels.device, index))
+            total += torch.stack([loss.double() * len(pixels), torch.tensor(float(len(pixels)), dtype=torch.float64, device=total.device)])
+        total = self.accelerator.reduce(total, "sum")
+        if total[1] > 0:
+            metrics["loss"] = float(total[0] / total[1])
+        return metrics
+
+    def save(self, models, state_dicts, output_dir) -> None:
+        """The backbone only (the projection head is dropped), in timm's Hub layout, with the preprocessing in
+        its ``pretrained_cfg`` (``timm.data.resolve_data_config`` gives it back)."""
+        opts, info = self.options, self.info
+        data_config = {"input_size": (info.channels, info.size, info.size), "mean": (opts.mean,) * info.channels,
+                       "std": (opts.std,) * info.channels, "crop_pct": 1.0}
+        save_timm_backbone(models["backbone"], state_dicts["backbone"], self.model_args, output_dir,
+                           extra_config={"hfx_method": self.name}, data_config=data_config)
+
+    def method_summary(self) -> str:
+        """One sentence on how the backbone was trained (the card's summary continues from it)."""
+        return ""
+
+    def card_facts(self, metrics: dict[str, float]) -> dict[str, Any]:
+        opts, info = self.options, self.info
+        summary = (f"A `{opts.backbone}` backbone ({self.num_parameters / 1e6:.2f} M parameters, {self.feature_dim}-d "
+                   f"features) trained from scratch with {self.method_name} on {info.size}x{info.size} "
+                   f"{'greyscale' if info.channels == 1 else 'RGB'} images, without labels. {self.method_summary()} "
+                   "The projection head is dropped: the artifact is the plain timm backbone (num_classes=0, pooled "
+                   f"features). Inputs: pixels / 255, then (x - {opts.mean}) / {opts.std}. The metrics are of its "
+                   f"frozen features: weighted k-NN (k={opts.knn_k}) and a linear probe with every train label, and "
+                   f"with {opts.few_labels} labels per class; feature_std is the collapse monitor (about 1 healthy, "
+                   "0 collapsed).")
+        return {"summary": summary, "pipeline_tag": "image-feature-extraction"}
