@@ -41,3 +41,16 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if alpha == 0.0:
         return hard
     return alpha * soft_target_loss(student_logits, teacher_logits, temperature) + (1.0 - alpha) * hard
+
+
+def hard_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """DeiT's hard-label distillation (Touvron et al. 2021): cross-entropy of the student with the teacher's
+    argmax as the label, ``CE(z_s, argmax z_t)``, averaged over the batch.
+
+    Args:
+        student_logits, teacher_logits: (B, C) logits (the teacher's only pick the labels).
+
+    Returns:
+        A scalar tensor (nats).
+    """
+    return F.cross_entropy(student_logits.float(), teacher_logits.detach().argmax(-1))
