@@ -95,47 +95,60 @@ def scores(train_x, train_y, test_x, test_y, seed: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["simclr", "moco", "dino", "mae"])
+    parser.add_argument("--methods", nargs="+", default=["simclr", "moco", "dino", "dino-vit", "mae"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train_px, train_y = digits_pixels("train")
     test_px, test_y = digits_pixels("test")
-    base = recipe("simclr-digits")["task_options"]
-    backbone = base.get("backbone", "timm:vit_tiny_patch16_224")[len("timm:"):]
-    backbone_options = base.get("backbone_options", {})
     rows: dict[str, list[dict]] = {}
     minutes: dict[str, list[float]] = {}
+    import timm
+
+    def add(name: str, encode, seed: int) -> None:
+        rows.setdefault(name, []).append(
+            scores(features(encode, train_px), train_y, features(encode, test_px), test_y, seed))
+
     for seed in args.seeds:
         rows.setdefault("raw pixels", []).append(scores(train_px.flatten(1), train_y, test_px.flatten(1), test_y, seed))
-        import timm
+        backbones = {}  # the random-init encoder of each method's backbone (same architecture, seed `seed`)
+        for method in args.methods:
+            options = recipe(f"{method}-digits").get("task_options", {})
+            if "backbone" in options:
+                backbones[options["backbone"]] = options.get("backbone_options", {})
+        for backbone, backbone_options in backbones.items():
+            torch.manual_seed(seed)
+            extra = {"img_size": 16} if "vit" in backbone else {}
+            model = timm.create_model(backbone[len("timm:"):], in_chans=1, num_classes=0,
+                                      **{**extra, **backbone_options}).eval()
+            add(f"random-init {backbone[len('timm:'):]}", model, seed)
+        if "mae" in args.methods:  # MAE's encoder (a transformers ViT) at random init, unmasked, mean of the patches
+            from transformers import ViTMAEConfig, ViTMAEModel
 
-        torch.manual_seed(seed)
-        random_init = timm.create_model(backbone, in_chans=1, num_classes=0, **backbone_options).eval()
-        rows.setdefault("random-init encoder", []).append(
-            scores(features(random_init, train_px), train_y, features(random_init, test_px), test_y, seed))
-        supervised = OUT / f"supervised-s{seed}"
-        wall = train("classify-digits", supervised, seed, args.threads,
-                     [f"task_options.model=timm:{backbone}",
-                      f"task_options.model_options={json.dumps(backbone_options)}", "task_options.gradcam_grid=0",
-                      "train.max_steps=1500", "eval.every_steps=500", "checkpoint.every_steps=500"])
-        if wall is not None:
-            minutes.setdefault("supervised encoder (all labels)", []).append(wall)
-        import timm
-
-        model = timm.create_model(f"local-dir:{supervised / 'final'}", pretrained=True).eval()
-        model.reset_classifier(0)
-        rows.setdefault("supervised encoder (all labels)", []).append(
-            scores(features(model, train_px), train_y, features(model, test_px), test_y, seed))
+            torch.manual_seed(seed)
+            config = ViTMAEConfig(image_size=16, num_channels=1, mask_ratio=0.0,
+                                  **recipe("mae-digits")["task_options"].get("model", {}))
+            mae = ViTMAEModel(config).eval()
+            add("random-init MAE encoder", lambda x: mae(pixel_values=x).last_hidden_state[:, 1:].mean(1), seed)
+        # supervised encoders, trained with every label: the ResNet-10-T of classify-digits (the same network as
+        # the simclr / moco backbones) and, for the ViT methods, the ViT of vit-digits; their features before the head
+        for name, label in (("classify-digits", "supervised ResNet-10-T (classify-digits, all labels)"),
+                            *((("vit-digits", "supervised ViT (vit-digits, all labels)"),)
+                              if any("vit" in b for b in backbones) else ())):
+            out = OUT / f"{name}-s{seed}"
+            wall = train(name, out, seed, args.threads, ["task_options.gradcam_grid=0"])
+            if wall is not None:
+                minutes.setdefault(name, []).append(wall)
+            model = timm.create_model(f"local-dir:{out / 'final'}", pretrained=True).eval()
+            model.reset_classifier(0)
+            add(label, model, seed)
         for method in args.methods:
             out = OUT / f"{method}-s{seed}"
             wall = train(f"{method}-digits", out, seed, args.threads)
             if wall is not None:
                 minutes.setdefault(method, []).append(wall)
-            encode = encoder_of(out / "final")
-            rows.setdefault(method, []).append(
-                scores(features(encode, train_px), train_y, features(encode, test_px), test_y, seed))
+            add(method, encoder_of(out / "final"), seed)
     print(f"\nDigits test split ({len(test_y)} images), seeds {args.seeds}; per seed / mean. k-NN: k 20, T 0.07; "
           "probe: logistic regression on standardised features.\n")
     print("| features | k-NN, 10 labels/class | probe, 10 labels/class | k-NN, all labels | probe, all labels | "
