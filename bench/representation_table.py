@@ -130,7 +130,7 @@ def main() -> None:
             config = ViTMAEConfig(image_size=16, num_channels=1, mask_ratio=0.0,
                                   **recipe("mae-digits")["task_options"].get("model", {}))
             mae = ViTMAEModel(config).eval()
-            add("random-init MAE encoder", lambda x: mae(pixel_values=x).last_hidden_state[:, 1:].mean(1), seed)
+            add("random-init MAE encoder", lambda x, m=mae: m(pixel_values=x).last_hidden_state[:, 1:].mean(1), seed)
         # supervised encoders, trained with every label: the ResNet-10-T of classify-digits (the same network as
         # the simclr / moco backbones) and, for the ViT methods, the ViT of vit-digits; their features before the head
         for name, label in (("classify-digits", "supervised ResNet-10-T (classify-digits, all labels)"),
