@@ -158,6 +158,20 @@ def test_dino_learns_logs_its_schedules_writes_the_attention_figure_and_saves_a_
     assert plain["type"] == "VisionTransformer" and plain["features"].shape == (3, 32)
 
 
+def test_dino_trains_a_resnet_backbone_with_multi_crop_and_skips_the_attention_figure(tmp_path, caplog):
+    out = tmp_path / "run"
+    options = {"backbone": "timm:resnet10t", "backbone_options": {"channels": [8, 16, 32, 64], "stem_width": 8},
+               "local_crop_size": 8}
+    with caplog.at_level("INFO", logger="hfx.trainers.tasks.dino"):
+        result = train(recipe(DINO, out, options, train={**DINO["train"], "max_steps": 4},
+                              eval={"every_steps": 2, "at_end": True}))
+    assert math.isfinite(result.metrics["knn_accuracy"]) and "feature_std" in result.metrics
+    assert not list(out.glob("samples/attention-*"))
+    said = [r for r in caplog.records if "no attention figure" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "INFO"  # said once, not an error or a warning per evaluation
+    assert json.loads((out / "final" / "config.json").read_text())["architecture"] == "resnet10t"
+
+
 def test_a_sigkilled_dino_run_resumes_bit_identically_with_its_teacher_and_center(tmp_path):
     config = recipe(DINO, tmp_path / "run", {"attention_grid": 0}, train={**DINO["train"], "max_steps": 10},
                     checkpoint={"every_steps": 5})
@@ -202,6 +216,26 @@ def test_mae_learns_writes_reconstructions_and_saves_a_plain_vit_model_with_the_
     assert torch.equal(plain["features"], encoder)
     processor = json.loads((out / "final" / "preprocessor_config.json").read_text())
     assert processor["image_mean"] == [0.5] and processor["size"] == {"height": 16, "width": 16}
+
+
+def test_mae_has_its_fixed_sin_cos_position_embeddings_in_the_encoder_and_the_decoder():
+    """transformers 5 leaves both tables at zero; without them the decoder cannot tell the masked patches apart."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    from hfx.trainers.tasks.mae import restore_position_embeddings, sincos_position_embeddings
+
+    model = ViTMAEForPreTraining(ViTMAEConfig(**MAE["task_options"]["model"], image_size=16, num_channels=1))
+    restore_position_embeddings(model)
+    encoder, decoder = model.vit.embeddings.position_embeddings, model.decoder.decoder_pos_embed
+    assert encoder.shape == decoder.shape == (1, 17, 32) and not encoder.requires_grad
+    assert torch.equal(encoder, sincos_position_embeddings(4, 32)) and torch.equal(decoder, encoder)
+    assert torch.equal(encoder[0, 0], torch.zeros(32)) and len({tuple(row.tolist()) for row in encoder[0, 1:]}) == 16
+    try:  # transformers' own table (5.x), in its checkpoints' layout
+        from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
+    except ImportError:
+        return
+    table = build_2d_sinusoidal_position_embedding(height=4, width=4, embed_dim=32, cls_token=True)
+    assert torch.allclose(encoder[0], torch.cat([table[..., 16:], table[..., :16]], -1), atol=1e-6)
 
 
 def test_mae_masks_from_the_global_rng_so_a_resumed_run_masks_the_same_patches():
@@ -258,7 +292,7 @@ def test_bad_models_fail_before_training_in_one_line(base, options, message, tmp
     assert not (tmp_path / "final").exists()
 
 
-@pytest.mark.parametrize("name", ["dino-digits", "mae-digits"])
+@pytest.mark.parametrize("name", ["dino-digits", "dino-vit-digits", "mae-digits"])
 def test_the_shipped_recipes_load_and_validate(name, tmp_path):
     config = load_config(name, [f"output_dir={tmp_path}"])
     assert config.data.dataset == "digits" and config.data.options == {"image_size": 16}

@@ -1,6 +1,6 @@
 """``dino``: self-distillation with no labels (Caron et al. 2021; facebookresearch/dino's ``main_dino.py``).
 
-A student (a timm ViT + the DINO head) learns to match, on every crop, the output distribution a teacher gives
+A student (a timm ViT or convnet + the DINO head) learns to match, on every crop, the output distribution a teacher gives
 on the OTHER global crops of the same image. The teacher is the student's exponential moving average (no
 gradients), its momentum rising from ``teacher_momentum`` (0.996) to ``teacher_momentum_final`` (1) on a cosine
 over ``train.max_steps`` (:func:`teacher_momentum_at`; the position follows from ``state.global_step``, so a
@@ -13,7 +13,8 @@ Multi-crop: 2 global crops (area ``global_crop_scale``, the image's side) and ``
 ``local_crop_scale``, side ``local_crop_size``), drawn on the batch from the global RNG
 (:func:`hfx.trainers.tasks._ssl.random_views`). The teacher sees only the global crops; the student sees all
 of them. The ViT takes every crop size (timm's ``dynamic_img_size=True``, set by default; the position
-embedding is interpolated per size).
+embedding is interpolated per size); a convnet (e.g. ``timm:resnet10t``, DINO's ResNet-50 setting) takes any size
+as it is, and gets no ViT options.
 
 What a checkpoint holds: the student, its optimizer AND the teacher are models the engine prepares, so
 ``accelerator.save_state`` writes the teacher's weights (``model_1.safetensors``, in no optimizer group) and
@@ -25,7 +26,8 @@ Evaluation (of the TEACHER's backbone, as DINO evaluates): the frozen-feature me
 :func:`~hfx.trainers.tasks._ssl.representation_metrics` (k-NN, linear probe, few labels, ``feature_std``), the
 student's as ``student_*`` with ``evaluate_student``, and a figure of the [CLS] token's self-attention in the
 teacher's last block, one column per head, over ``attention_grid`` test images:
-``samples/attention-step-<n>.png`` (the model card shows the newest).
+``samples/attention-step-<n>.png`` (the model card shows the newest); a backbone without attention layers (a
+ResNet) gets no figure, and the run says so once.
 
 Artifact: the teacher's backbone (no head) in timm's Hub layout, loadable without hfx with
 ``timm.create_model("local-dir:<final>", pretrained=True)``; it returns pooled features (``num_classes=0``).
@@ -198,7 +200,7 @@ class TeacherUpdate(Callback):
 # ---------------------------------------------------------------------------------------------- the task
 @register_task("dino")
 class DinoTask(Task):
-    """DINO self-distillation of a timm ViT (see the module docstring)."""
+    """DINO self-distillation of a timm backbone, a ViT or a convnet (see the module docstring)."""
 
     Options = DinoOptions
     hub_task_type = "image-feature-extraction"
@@ -310,6 +312,12 @@ class DinoTask(Task):
             self._write_attention_figure(teacher, state.global_step)
         return metrics
 
+    def _no_attention_figure(self, reason: str) -> None:
+        """Say once per run that no [CLS]-attention figure is drawn (a ResNet backbone, say), and why."""
+        if not getattr(self, "_said_no_attention", False):
+            self._said_no_attention = True
+            logger.info("no attention figure: %s", reason)
+
     def _write_attention_figure(self, backbone: nn.Module, step: int) -> None:
         """One row per test image: the image, then the [CLS] token's attention in the last block over the patch
         grid, per head (upsampled to >= 64 px, overlaid)."""
@@ -321,10 +329,13 @@ class DinoTask(Task):
             return
         n = min(self.options.attention_grid, len(self.eval_set))
         pixels = torch.stack([self.eval_set[i]["pixel_values"] for i in range(n)]).to(self.accelerator.device)
+        if not any(isinstance(m, nn.MultiheadAttention) or type(m).__name__ == "Attention" for m in backbone.modules()):
+            self._no_attention_figure(f"{self.options.backbone} has no attention layers (the figure is a ViT's)")
+            return
         try:
             maps = explain(backbone, pixels, method="attention").heatmaps  # (B, layers, heads, H, W)
-        except ValueError as err:  # not a ViT: the run goes on without the figure
-            logger.warning("no attention figure: %s", err)
+        except ValueError as err:  # no attention maps: the run goes on without the figure
+            self._no_attention_figure(str(err))
             return
         last = maps[:, -1].float().cpu()
         scale = max(1, -(-64 // self.info.size))

@@ -110,6 +110,34 @@ def in_order(pixels: torch.Tensor, num_patches: int) -> torch.Tensor:
     return torch.arange(num_patches, device=pixels.device, dtype=torch.float32).expand(pixels.shape[0], -1)
 
 
+def sincos_position_embeddings(grid_size: int, dim: int) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos position embeddings (1, 1 + grid_size**2, dim), a zero row for [CLS] first, in the
+    layout transformers' pretrained ViTMAE checkpoints use ([sin_w|cos_w|sin_h|cos_h])."""
+    if dim % 4:
+        raise ConfigError(f"task_options.model: hidden_size and decoder_hidden_size must be multiples of 4 (MAE's "
+                          f"2-D sin-cos position embeddings), got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
+    h, w = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64),
+                          indexing="ij")
+    out_w, out_h = w.reshape(-1, 1) * omega, h.reshape(-1, 1) * omega
+    table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float().unsqueeze(0)
+
+
+@torch.no_grad()
+def restore_position_embeddings(model) -> None:
+    """Give a freshly built ``ViTMAEForPreTraining`` its fixed sin-cos position embeddings (encoder and decoder)
+    where they are all zero. transformers 5's weight initialisation leaves both at zero (the encoder's
+    ``initialize_weights`` returns early once the patch projection is marked initialised, and the decoder's
+    ``_init_weights`` zeroes ``decoder_pos_embed``); they are frozen, so the model would never know where a patch
+    is: the decoder predicts one value for every masked patch of an image (the loss stalls at about the pixels'
+    variance) and the encoder sees a bag of patches."""
+    grid = int(model.vit.embeddings.patch_embeddings.num_patches ** 0.5)
+    for table in (model.vit.embeddings.position_embeddings, model.decoder.decoder_pos_embed):
+        if not table.abs().any():
+            table.copy_(sincos_position_embeddings(grid, table.shape[-1]).to(table))
+
+
 @register_task("mae")
 class MaeTask(Task):
     """Masked-autoencoder pretraining of a ViT (see the module docstring)."""
@@ -141,7 +169,9 @@ class MaeTask(Task):
         if int((self.info.size // patch) ** 2 * (1 - opts.mask_ratio)) < 1:
             raise ConfigError(f"task_options.mask_ratio {opts.mask_ratio} leaves the encoder no patch of the "
                               f"{(self.info.size // patch) ** 2}: lower it")
-        return {"model": ViTMAEForPreTraining(config)}
+        model = ViTMAEForPreTraining(config)
+        restore_position_embeddings(model)
+        return {"model": model}
 
     def loss(self, models, batch, state):
         opts = self.options
