@@ -35,13 +35,10 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RepresentationOptions(ImageColumns):
-    """The ``task_options`` every representation task has (its own options dataclass derives from this)."""
+class FrozenFeatureOptions(ImageColumns):
+    """The ``task_options`` of every task whose frozen features are evaluated: the images' normalisation and the
+    k-NN / probe settings of :func:`representation_metrics`."""
 
-    backbone: str = "timm:vit_tiny_patch16_224"
-    """``timm:<name>``: the encoder, built with ``num_classes=0`` (it returns pooled features)."""
-    backbone_options: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of ``timm.create_model`` (``img_size``, ``patch_size``, ``embed_dim``, ``depth`` ...)."""
     mean: float = 0.5
     std: float = bounded(0.5, ">0")
     knn_k: int = bounded(20, ">=1")
@@ -49,6 +46,27 @@ class RepresentationOptions(ImageColumns):
     few_labels: int = bounded(10, ">=1")
     """Labelled train images per class in the few-labels evaluation."""
     eval_batch_size: int = bounded(256, ">=1")
+
+
+@dataclass
+class RepresentationOptions(FrozenFeatureOptions):
+    """The ``task_options`` of the tasks that train a timm backbone (their options dataclasses derive from this)."""
+
+    backbone: str = "timm:vit_tiny_patch16_224"
+    """``timm:<name>``: the encoder, built with ``num_classes=0`` (it returns pooled features)."""
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of ``timm.create_model`` (``img_size``, ``patch_size``, ``embed_dim``, ``depth`` ...)."""
+
+
+def representation_data(task: Task) -> TaskData:
+    """``task``'s images as batches (:func:`build_image_data` with its ``mean`` / ``std``); keeps ``task.info`` and the
+    unaugmented ``task.train_set`` / ``task.eval_set`` that the frozen-feature evaluation embeds (views are drawn on
+    the batch). A ConfigError when there is no eval split."""
+    data, task.info = build_image_data(task, mean=task.options.mean, std=task.options.std)
+    if data.eval is None:
+        raise ConfigError(f"task {task.name} evaluates frozen features on data.eval_split: set it (e.g. 'test')")
+    task.train_set, task.eval_set = data.train, data.eval
+    return data
 
 
 #: ``backbone_options`` a recipe may not set, and why.
@@ -262,11 +280,7 @@ class ContrastiveTask(Task):
     method_name: str = ""
 
     def build_data(self) -> TaskData:
-        opts = self.options
-        data, self.info = build_image_data(self, mean=opts.mean, std=opts.std)
-        # The evaluation embeds the train split as it is (unaugmented): the views are drawn on the batch.
-        self.train_set, self.eval_set = data.train, data.eval
-        return data
+        return representation_data(self)
 
     def build_encoder(self) -> dict[str, torch.nn.Module]:
         """The query encoder: ``{"backbone": timm model, "projection_head": ProjectionHead}``."""

@@ -52,11 +52,12 @@ from hfx.losses.contrastive import dino_center, dino_loss
 from hfx.trainers.callbacks import Callback
 from hfx.trainers.config import bounded
 from hfx.trainers.errors import ConfigError
-from hfx.trainers.tasks._image_tasks import build_image_data, write_sample_grids
+from hfx.trainers.tasks._image_tasks import write_sample_grids
 from hfx.trainers.tasks._ssl import (
     RepresentationOptions,
     build_backbone,
     random_views,
+    representation_data,
     representation_metrics,
     save_timm_backbone,
 )
@@ -206,12 +207,8 @@ class DinoTask(Task):
     hub_task_type = "image-feature-extraction"
 
     def build_data(self) -> TaskData:
-        opts = self.options
-        data, info = build_image_data(self, mean=opts.mean, std=opts.std)
-        if data.eval is None:
-            raise ConfigError("task dino evaluates frozen features on data.eval_split: set it (e.g. 'test')")
-        self.info, self.train_set, self.eval_set = info, data.train, data.eval
-        self.local_size = opts.local_crop_size or max(1, info.size // 2)
+        data = representation_data(self)
+        self.local_size = self.options.local_crop_size or max(1, self.info.size // 2)
         return data
 
     def _backbone_options(self) -> dict[str, Any]:

@@ -34,8 +34,13 @@ import torch
 
 from hfx.trainers.config import bounded
 from hfx.trainers.errors import ConfigError
-from hfx.trainers.tasks._image_tasks import ImageColumns, build_image_data, image_grid, write_sample_grids
-from hfx.trainers.tasks._ssl import random_views, representation_metrics
+from hfx.trainers.tasks._image_tasks import image_grid, write_sample_grids
+from hfx.trainers.tasks._ssl import (
+    FrozenFeatureOptions,
+    random_views,
+    representation_data,
+    representation_metrics,
+)
 from hfx.trainers.tasks.base import Task, TaskData, register_task
 
 logger = logging.getLogger(__name__)
@@ -50,7 +55,7 @@ ENCODER_FIELDS = ("image_size", "patch_size", "num_channels", "hidden_size", "nu
 
 
 @dataclass
-class MaeOptions(ImageColumns):
+class MaeOptions(FrozenFeatureOptions):
     """``task_options`` of ``mae``."""
 
     model: dict[str, Any] = field(default_factory=dict)
@@ -65,13 +70,6 @@ class MaeOptions(ImageColumns):
     crop_scale: tuple[float, float] = bounded((0.6, 1.0), "(0,1]")
     pooling: Literal["mean", "cls"] = "mean"
     """The evaluated feature: the mean of the patch tokens (MAE's global pooling) or the [CLS] token."""
-    mean: float = 0.5
-    std: float = bounded(0.5, ">0")
-    knn_k: int = bounded(20, ">=1")
-    knn_temperature: float = bounded(0.07, ">0")
-    few_labels: int = bounded(10, ">=1")
-    """Labelled train images per class in the few-labels evaluation."""
-    eval_batch_size: int = bounded(256, ">=1")
     reconstruction_grid: int = bounded(8, ">=0")
     """Test images in the reconstruction grid of each evaluation; 0: none."""
 
@@ -146,12 +144,7 @@ class MaeTask(Task):
     hub_task_type = "image-feature-extraction"
 
     def build_data(self) -> TaskData:
-        opts = self.options
-        data, info = build_image_data(self, mean=opts.mean, std=opts.std)
-        if data.eval is None:
-            raise ConfigError("task mae evaluates frozen features on data.eval_split: set it (e.g. 'test')")
-        self.info, self.train_set, self.eval_set = info, data.train, data.eval
-        return data
+        return representation_data(self)
 
     def build_models(self) -> dict[str, torch.nn.Module]:
         from transformers import ViTMAEConfig, ViTMAEForPreTraining
