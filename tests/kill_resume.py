@@ -14,18 +14,21 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-#: A script run in a process where importing hfx fails: load the remote-code export in argv[1] as diffusers
-#: would for a user without hfx, and save ``{"type": the pipeline class, "images": CALL}`` to argv[2].
-NO_HFX = """
+#: The first lines of a script that runs as a user without hfx would: any import of hfx fails in its process.
+BLOCK_HFX = """
 import importlib.abc, sys
 
 class BlockHfx(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == "hfx" or name.startswith("hfx."):
-            raise ImportError(f"importing {{name}} is blocked in this process")
+            raise ImportError(f"importing {name} is blocked in this process")
 
 sys.meta_path.insert(0, BlockHfx())
-import torch
+"""
+
+#: A script run in a process where importing hfx fails: load the remote-code export in argv[1] as diffusers
+#: would for a user without hfx, and save ``{"type": the pipeline class, "images": CALL}`` to argv[2].
+NO_HFX = BLOCK_HFX.replace("{", "{{").replace("}", "}}") + """import torch
 from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
 torch.save({{"type": type(pipe).__name__, "images": {call}}}, sys.argv[2])

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from kill_resume import full_killed_resumed
+from kill_resume import BLOCK_HFX, full_killed_resumed
 from safetensors.torch import load_file
 
 import hfx.data
@@ -60,16 +60,7 @@ def digits_pixels(split: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 #: Run where importing hfx fails: the backbone in argv[1] through plain timm, features of argv[2] saved to argv[3].
-PLAIN_TIMM = """
-import importlib.abc, sys
-
-class BlockHfx(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "hfx" or name.startswith("hfx."):
-            raise ImportError(f"importing {name} is blocked in this process")
-
-sys.meta_path.insert(0, BlockHfx())
-import timm, torch
+PLAIN_TIMM = BLOCK_HFX + """import timm, torch
 model = timm.create_model("local-dir:" + sys.argv[1], pretrained=True).eval()
 config = timm.data.resolve_data_config({}, model=model)
 with torch.no_grad():

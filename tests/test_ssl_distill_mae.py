@@ -14,7 +14,7 @@ from pathlib import Path
 import PIL.Image
 import pytest
 import torch
-from kill_resume import full_killed_resumed
+from kill_resume import BLOCK_HFX, full_killed_resumed
 from safetensors.torch import load_file
 
 from hfx.trainers import ConfigError, load_config, train
@@ -49,16 +49,7 @@ MAE = {
 
 #: argv: timm|transformers, the artifact, an input tensor file, the output file. Loads the artifact where importing
 #: hfx fails, as a user without hfx would, and saves its features on the input.
-NO_HFX_FEATURES = """
-import importlib.abc, sys
-
-class BlockHfx(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "hfx" or name.startswith("hfx."):
-            raise ImportError(f"importing {name} is blocked in this process")
-
-sys.meta_path.insert(0, BlockHfx())
-import torch
+NO_HFX_FEATURES = BLOCK_HFX + """import torch
 kind, folder, inputs, output = sys.argv[1:]
 x = torch.load(inputs)
 with torch.no_grad():
