@@ -1,5 +1,5 @@
-"""``contrastive``: CLIP-style training of a VisionTextDualEncoderModel (tiny ViT + the real, packaged
-all-MiniLM-L6-v2) on digits-captions. The loss falls; the saved folder serves transformers' zero-shot
+"""``contrastive``: CLIP-style training of a VisionTextDualEncoderModel (tiny ViT or ConvNeXt + the real,
+packaged all-MiniLM-L6-v2) on digits-captions. The loss falls; the saved folder serves transformers' zero-shot
 pipeline in a process without hfx and reproduces hfx's ``zero_shot_accuracy_single`` predictions; bad options
 are one-line ConfigErrors naming the key; 2 CPU processes x B train exactly as 1 process x 2B."""
 
@@ -130,6 +130,36 @@ def test_loss_falls_and_the_folder_serves_the_zero_shot_pipeline_without_hfx(tmp
     assert torch.allclose(pixel_values[:4], ((grey / 255 - 0.5) / 0.5)[:, None].expand(4, 3, 32, 32), atol=1e-6)
 
 
+CONVNEXT = {"num_stages": 2, "hidden_sizes": [16, 32], "depths": [1, 1], "patch_size": 4}
+
+
+@pytest.mark.slow
+def test_a_convnext_tower_saves_and_serves_the_pipeline_in_a_fresh_process(tmp_path, one_thread):
+    """ConvNextConfig has no hidden_size (which the dual encoder reads); hfx sets it to the last stage's width,
+    and the saved folder reloads and serves the stock pipeline in a process without hfx."""
+    raw = config(tmp_path, "run", train={"max_steps": 4, "batch_size": 32}, eval={"at_end": True})
+    raw["task_options"] = {**raw["task_options"], "vision_model": "convnext", "vision_options": CONVNEXT}
+    raw["data"] = {**raw["data"], "max_train_samples": 64, "max_eval_samples": 16}
+    result = train(load_config(raw))
+    final = tmp_path / "run" / "final"
+    saved = json.loads((final / "config.json").read_text())["vision_config"]
+    assert saved["model_type"] == "convnext" and saved["hidden_size"] == 32
+    from hfx.data import load
+
+    test = load("digits-captions")["test"].select(range(16))
+    images_file = tmp_path / "images.pt"
+    torch.save([image.tobytes() for image in test["image"]], images_file)
+    out = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, "-c", NO_HFX, str(final), str(images_file), str(out)], env=environment(),
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    served = json.loads(out.read_text())
+    assert served["pipeline"] == served["model"]
+    labels = test["label"]
+    single = sum(p == y for p, y in zip(served["pipeline"], labels)) / len(labels)
+    assert single == pytest.approx(result.metrics["zero_shot_accuracy_single"], abs=1e-12)
+
+
 @pytest.mark.parametrize("options, key", [
     ({"logit_scale_init": float("nan")}, "task_options.logit_scale_init"),
     ({"logit_scale_init": -1.0}, "task_options.logit_scale_init"),
@@ -150,6 +180,9 @@ def test_bad_options_are_one_line_config_errors_naming_the_key(tmp_path, options
     ({"vision_model": "no_such_tower"}, "task_options.vision_model"),
     ({"vision_model": "bert"}, "task_options.vision_model"),
     ({"vision_options": {"hidden_sise": 32}}, "task_options.vision_options.hidden_sise"),
+    # a ConvNeXt's hidden_size is its last stage's width, set by hfx: not an option
+    ({"vision_model": "convnext", "vision_options": {"hidden_size": 64}}, "task_options.vision_options.hidden_size"),
+    ({"vision_model": "convnext", "vision_options": {"num_stages": 4}}, "task_options.vision_model"),
     ({"text_column": "caption"}, "task_options.text_column"),
     ({"text_encoder": str(Path(__file__).parent / "no-such-encoder")}, "task_options.text_encoder"),
     ({"text_options": {"dropout_everywhere": 0.0}}, "task_options.text_options.dropout_everywhere"),

@@ -1,8 +1,10 @@
 """``contrastive``: CLIP-style image-text training of a ``transformers.VisionTextDualEncoderModel``.
 
 The model is transformers' own dual encoder: a vision tower built from a config (``vision_model``, a
-transformers model type such as ``vit``, random weights, 3 channels; greyscale images are converted to RGB by
-the image processor), the REAL pretrained text tower of ``text_encoder`` (all-MiniLM-L6-v2 by default, loaded
+transformers model type such as ``vit`` or ``convnext``, random weights, 3 channels; greyscale images are
+converted to RGB by the image processor; a config without ``hidden_size``, as ConvNeXt's, gets it set to its
+last stage's width ``hidden_sizes[-1]``, the width of its layernormed mean-pooled ``pooler_output`` that the
+dual encoder projects: it is saved in config.json and the stock class reloads it), the REAL pretrained text tower of ``text_encoder`` (all-MiniLM-L6-v2 by default, loaded
 offline from its PyPI package), and two linear projections to ``projection_dim`` with a learnt logit scale.
 The loss is CLIP's symmetric InfoNCE (:func:`hfx.losses.contrastive.clip_loss`: it gathers the embeddings of
 every process with local gradients, so 2 processes x B train exactly as 1 process x 2B, and clamps the scale
@@ -78,10 +80,11 @@ DEFAULT_ATTRIBUTE_TEMPLATES = {"size": "a {} digit", "position": "a digit on the
                                "thickness": "a digit drawn with {} strokes"}
 
 #: Config fields of the vision towers by model type, over which ``vision_options`` go: a 4-layer ViT of
-#: 4x4 patches for 32x32 digits.
+#: 4x4 patches, or a 3-stage ConvNeXt (2x2 stem), for 32x32 digits.
 DEFAULT_VISION_OPTIONS: dict[str, dict[str, Any]] = {
     "vit": {"patch_size": 4, "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
             "intermediate_size": 512},
+    "convnext": {"num_stages": 3, "hidden_sizes": [32, 64, 128], "depths": [2, 2, 2], "patch_size": 2},
 }
 
 
@@ -118,7 +121,8 @@ class ContrastiveOptions(ImageColumns):
     """Translate each training image by up to this many pixels in x and y (edge padding); keep it below what
     would change a caption (digits-captions' left/right and small/large survive 2 px). Drawn per process, so
     a run with it is not split-invariant across processes. On digits-captions (fixed positions) 2 px slowed
-    learning a lot: contrastive-digits uses none."""
+    learning a lot (the ViT collapsed; the shift itself is exact, edge-replicated, no fill value); 1 px is
+    what keeps contrastive-digits' ConvNeXt from overfitting."""
     mean: float = 0.5
     std: float = bounded(0.5, ">0")
     """Pixels / 255 are normalised to (x - mean) / std on each of the 3 channels (saved in the image processor)."""
@@ -360,6 +364,10 @@ class ContrastiveTask(Task):
         try:
             vision_config = AutoConfig.for_model(opts.vision_model, **{**defaults, **opts.vision_options,
                                                                        "image_size": self.size, "num_channels": 3})
+            if getattr(vision_config, "hidden_size", None) is None and getattr(vision_config, "hidden_sizes", None):
+                # ConvNeXt-like: the dual encoder reads vision_config.hidden_size (the projection's input), which
+                # these configs lack; the pooled width is the last stage's (saved in config.json, reloads as is)
+                vision_config.hidden_size = int(vision_config.hidden_sizes[-1])
             vision = AutoModel.from_config(vision_config)
             with torch.no_grad():  # in eval mode: no dropout draws from the global RNG
                 pooled = vision.eval()(pixel_values=torch.zeros(2, 3, self.size, self.size)).pooler_output
