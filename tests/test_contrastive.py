@@ -230,3 +230,65 @@ def test_two_process_cpu_ddp_equals_one_process_with_the_same_global_batch(tmp_p
     assert torch.equal(a["text_model.encoder.layer.0.attention.self.query.weight"],  # locked
                        start["encoder.layer.0.attention.self.query.weight"])
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_caption_variants_are_picked_from_the_cache_each_step_and_bad_values_fail(tmp_path, one_thread, monkeypatch):
+    """``caption_variants: V`` caches V captions per train example (the first its own) and each step feeds one of
+    them per example (from the global RNG); V = 1 is the old cache; bad values are one-line ConfigErrors."""
+    from hfx.trainers.tasks.contrastive import ContrastiveTask, _dual_encoder_class
+
+    seen: list = []
+    loss, forward = ContrastiveTask.loss, _dual_encoder_class().forward
+
+    def spy_loss(self, models, batch, state):
+        seen.append([self, batch["text_cls"], None])
+        return loss(self, models, batch, state)
+
+    def spy_forward(model, pixel_values, input_ids=None, attention_mask=None, text_cls=None):
+        seen[-1][2] = text_cls
+        return forward(model, pixel_values, input_ids, attention_mask, text_cls)
+
+    monkeypatch.setattr(ContrastiveTask, "loss", spy_loss)
+    monkeypatch.setattr(_dual_encoder_class(), "forward", spy_forward)
+    small = {"data": {**TINY["data"], "max_train_samples": 32, "max_eval_samples": 16},
+             "train": {"max_steps": 3, "batch_size": 32}, "eval": {"at_end": False}}
+
+    def run(name: str, variants: int):
+        seen.clear()
+        raw = config(tmp_path, name, **small)
+        raw["task_options"] = {**raw["task_options"], "caption_variants": variants}
+        train(load_config(raw))
+        return seen[0][0].datasets["train"], [(cache, used) for _, cache, used in seen]
+
+    one, steps_one = run("one", 1)
+    assert one.text_cls.dim() == 2 and one.variants is None
+    for cache, used in steps_one:  # the old behaviour: each example's own caption, as cached
+        assert torch.equal(cache, used)
+    four, steps_four = run("four", 4)
+    assert four.text_cls.shape[:2] == (32, 4)
+    assert [row[0] for row in four.variants] == four.texts == one.texts
+    assert all(len(set(row)) == 4 for row in four.variants)
+    assert torch.allclose(four.text_cls[:, 0], one.text_cls, atol=1e-5)  # variant 0: the own caption's state
+    picks = []
+    for cache, used in steps_four:
+        hit = (cache == used[:, None]).all(-1)  # (B, V): which cached variant each example got
+        assert (hit.sum(1) >= 1).all()
+        example = [int((four.text_cls[:, 0] == row).all(-1).nonzero()[0]) for row in cache[:, 0]]
+        picks.append({e: int(h.float().argmax()) for e, h in zip(example, hit)})
+    assert any(picks[0][e] != picks[1][e] for e in picks[0])  # the same example, another caption next step
+    assert len({p for step in picks for p in step.values()}) > 1
+
+    for bad in (0, -2, 1.5, True, "8"):
+        raw = config(tmp_path, "bad")
+        raw["task_options"] = {**raw["task_options"], "caption_variants": bad}
+        with pytest.raises(ConfigError) as err:
+            load_config(raw)
+        assert "task_options.caption_variants" in str(err.value) and "\n" not in str(err.value)
+    # a dataset without the attribute columns cannot write the variants
+    original = ContrastiveTask.load_dataset
+    monkeypatch.setattr(ContrastiveTask, "load_dataset", lambda self: original(self).remove_columns("size"))
+    raw = config(tmp_path, "no-size", **small)
+    raw["task_options"] = {**raw["task_options"], "caption_variants": 2}
+    with pytest.raises(ConfigError) as err:
+        train(load_config(raw))
+    assert "task_options.caption_variants" in str(err.value) and "\n" not in str(err.value)

@@ -28,6 +28,18 @@ in eval mode (no dropout: it is served as it was trained), and each caption's fi
 step costs only the vision tower, the pooler and the projections. Leave ``freeze:`` out to tune everything,
 or train the top layers with a regex (``text_model.encoder.layer.5``); then the text tower runs every step.
 
+**Caption augmentation** (``caption_variants: V``, default 1: off). Each train example gets V captions of
+its own label (digits 0-9) and attributes (the :data:`hfx.data.builtin.CAPTION_ATTRIBUTES` columns, as
+``digits-captions`` has; other datasets are refused), written by :func:`hfx.data.builtin.caption_for`: the
+first is the dataset's own caption, the others distinct template / phrasing combinations drawn once from a
+generator seeded with the run's ``seed`` (deterministic; they differ from the own caption whenever the
+combinations allow). All V are tokenised once (and, with a locked text tower, encoded once into the cache),
+and each step picks one per example of the batch with the GLOBAL torch RNG (``torch.randint``), which
+checkpoints restore, so a resumed run is exact. With a tuned text tower the chosen variant's tokens are run
+through the tower that step. Only the training side changes: evaluation uses the eval split's own captions.
+Each process draws its own picks, so (as with ``random_shift``) such a run is not split-invariant across
+processes.
+
 Evaluation (on the whole eval split, on every process; the numbers are the same on each):
 
 - ``zero_shot_accuracy``: the class whose prompt ensemble (``zero_shot_templates`` over ``class_names``,
@@ -123,6 +135,9 @@ class ContrastiveOptions(ImageColumns):
     a run with it is not split-invariant across processes. On digits-captions (fixed positions) 2 px slowed
     learning a lot (the ViT collapsed; the shift itself is exact, edge-replicated, no fill value); 1 px is
     what keeps contrastive-digits' ConvNeXt from overfitting."""
+    caption_variants: int = bounded(1, ">=1")
+    """Captions per train example to pick from at random each step (caption augmentation; see the module
+    docstring); 1: the dataset's own caption only. Needs ``label`` and the caption-attribute columns."""
     mean: float = 0.5
     std: float = bounded(0.5, ">0")
     """Pixels / 255 are normalised to (x - mean) / std on each of the 3 channels (saved in the image processor)."""
@@ -144,6 +159,10 @@ class ContrastiveOptions(ImageColumns):
                 math.isfinite(self.logit_scale_init) and 0 <= self.logit_scale_init <= MAX_LOGIT_SCALE):
             raise ConfigError(f"task_options.logit_scale_init must be a number in [0, ln 100 = {MAX_LOGIT_SCALE:.4f}] "
                               f"(CLIP: ln(1/0.07) = {INIT_LOGIT_SCALE:.4f}), got {self.logit_scale_init!r}")
+        if not isinstance(self.caption_variants, int) or isinstance(self.caption_variants, bool) or \
+                self.caption_variants < 1:
+            raise ConfigError(f"task_options.caption_variants must be an integer >= 1 (1: no caption augmentation), "
+                              f"got {self.caption_variants!r}")
         if not math.isfinite(self.mean):
             raise ConfigError(f"task_options.mean must be a finite number, got {self.mean!r}")
         if not isinstance(self.zero_shot_templates, list) or not self.zero_shot_templates:
@@ -238,6 +257,17 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.labels = torch.as_tensor(np.asarray(rows[opts.label_column], dtype=np.int64))
         self.attributes = {c: torch.as_tensor(np.asarray(rows[c], dtype=np.int64)) for c in attributes}
         self.text_cls: torch.Tensor | None = None
+        self.variants: list[list[str]] | None = None
+
+    def set_variants(self, variants: list[list[str]], tokenizer, max_length: int) -> None:
+        """Train on ``variants`` (N lists of V captions): ``input_ids`` / ``attention_mask`` become (N, V, L)
+        (and the cache, once set, (N, V, H)); :meth:`ContrastiveTask.loss` picks one of V per example."""
+        count = len(variants[0])
+        enc = tokenizer([t for row in variants for t in row], padding="max_length", max_length=max_length,
+                        truncation=True, return_tensors="pt")
+        self.variants = variants
+        self.input_ids = enc["input_ids"].view(len(variants), count, -1)
+        self.attention_mask = enc["attention_mask"].view(len(variants), count, -1)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -320,7 +350,44 @@ class ContrastiveTask(Task):
         splits = {"train": train, "eval": dataset[cfg.eval_split] if cfg.eval_split is not None else None}
         self.datasets = {name: CaptionedImages(rows, self.image_processor, self.tokenizer, opts, list(self.attribute_prompts))
                          for name, rows in splits.items() if rows is not None}
+        if opts.caption_variants > 1:
+            self.datasets["train"].set_variants(self._caption_variants(train), self.tokenizer, opts.max_length)
         return TaskData(train=self.datasets["train"], eval=self.datasets.get("eval"))
+
+    def _caption_variants(self, train) -> list[list[str]]:
+        """``caption_variants`` captions per train example (the first its own), see the module docstring."""
+        from hfx.data.builtin import CAPTION_ATTRIBUTES, CAPTION_PHRASES, CAPTION_TEMPLATES, caption_for
+
+        opts = self.options
+        needed = [opts.label_column, *CAPTION_ATTRIBUTES]
+        missing = [c for c in needed if c not in train.column_names]
+        if missing:
+            raise ConfigError(f"task_options.caption_variants={opts.caption_variants} writes captions from the columns "
+                              f"{', '.join(needed)}; dataset {self.config.data.dataset!r} lacks {', '.join(missing)} "
+                              "(set caption_variants: 1)")
+        columns = {c: train[c] for c in needed}
+        counts = [len(CAPTION_TEMPLATES)] + [len(next(iter(CAPTION_PHRASES[a].values()))) for a in CAPTION_ATTRIBUTES]
+        combos = int(np.prod(counts))  # template x one phrasing per attribute
+        rng = np.random.default_rng([int(self.config.seed), 0xCA97])
+        own_texts = self.datasets["train"].texts
+        variants = []
+        for i, own in enumerate(own_texts):
+            label = int(columns[opts.label_column][i])
+            attributes = {a: int(columns[a][i]) for a in CAPTION_ATTRIBUTES}
+            row, seen = [own], {own}
+            for combo in rng.permutation(combos):
+                if len(row) == opts.caption_variants:
+                    break
+                digits = np.unravel_index(int(combo), counts)
+                text = caption_for(label, attributes, int(digits[0]),
+                                   {a: int(d) for a, d in zip(CAPTION_ATTRIBUTES, digits[1:])})
+                if text not in seen:
+                    row.append(text)
+                    seen.add(text)
+            while len(row) < opts.caption_variants:  # more variants than distinct captions: repeat them
+                row.append(row[len(row) % len(seen)])
+            variants.append(row)
+        return variants
 
     def _attribute_prompts(self, train) -> dict[str, list[str]]:
         """Column -> one prompt per value name, for the zero-shot attribute accuracies."""
@@ -407,24 +474,33 @@ class ContrastiveTask(Task):
         was_training = encoder.training
         encoder.eval()
         for dataset in self.datasets.values():
+            input_ids, attention_mask = dataset.input_ids, dataset.attention_mask
+            shape = input_ids.shape[:-1]  # (N,) or (N, V) with caption variants
+            input_ids, attention_mask = input_ids.reshape(-1, input_ids.shape[-1]), attention_mask.reshape(
+                -1, attention_mask.shape[-1])
             states = []
-            for i in range(0, len(dataset), batch_size):
-                out = encoder(input_ids=dataset.input_ids[i:i + batch_size],
-                              attention_mask=dataset.attention_mask[i:i + batch_size])
+            for i in range(0, len(input_ids), batch_size):
+                out = encoder(input_ids=input_ids[i:i + batch_size], attention_mask=attention_mask[i:i + batch_size])
                 states.append(out.last_hidden_state[:, 0])
-            dataset.text_cls = torch.cat(states)
+            dataset.text_cls = torch.cat(states).view(*shape, -1)
         encoder.train(was_training)
 
     # ------------------------------------------------------------------------------------------ the loss
     def loss(self, models, batch, state):
         model = models["model"]
         pixels = random_shift(batch["pixel_values"], self.options.random_shift)
+        input_ids, attention_mask, text_cls = batch["input_ids"], batch["attention_mask"], batch.get("text_cls")
+        if input_ids.dim() == 3:  # caption variants (B, V, L): one per example, from the global RNG
+            pick = torch.randint(input_ids.shape[1], (input_ids.shape[0],)).to(input_ids.device)
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+            input_ids, attention_mask = input_ids[rows, pick], attention_mask[rows, pick]
+            text_cls = text_cls[rows, pick] if text_cls is not None else None
         if self.locked_text:
-            image, text, logit_scale = model(pixels, text_cls=batch["text_cls"])
+            image, text, logit_scale = model(pixels, text_cls=text_cls)
         else:
-            length = int(batch["attention_mask"].sum(1).max())  # drop columns that are padding in every row
-            image, text, logit_scale = model(pixels, input_ids=batch["input_ids"][:, :length],
-                                             attention_mask=batch["attention_mask"][:, :length])
+            length = int(attention_mask.sum(1).max())  # drop columns that are padding in every row
+            image, text, logit_scale = model(pixels, input_ids=input_ids[:, :length],
+                                             attention_mask=attention_mask[:, :length])
         loss = clip_loss(image, text, logit_scale)
         return loss, {"logit_scale": logit_scale.detach().clamp(0, MAX_LOGIT_SCALE).exp()}
 
