@@ -44,14 +44,15 @@ def main() -> None:
         scale = torch.tensor(INIT_LOGIT_SCALE, requires_grad=True)
         cases = {
             "InfoNCE (CLIP) vs open_clip ClipLoss": (
-                lambda: clip_loss(F.normalize(a, dim=1), F.normalize(b, dim=1), scale),
-                lambda: anchor_clip(F.normalize(a, dim=1), F.normalize(b, dim=1), scale.exp())),
-            "NT-Xent vs lightly NTXentLoss": (lambda: nt_xent_loss(a, b, 0.5), lambda: anchor_ntx(a, b)),
+                lambda a=a, b=b, s=scale: clip_loss(F.normalize(a, dim=1), F.normalize(b, dim=1), s),
+                lambda a=a, b=b, s=scale: anchor_clip(F.normalize(a, dim=1), F.normalize(b, dim=1), s.exp())),
+            "NT-Xent vs lightly NTXentLoss": (lambda a=a, b=b: nt_xent_loss(a, b, 0.5),
+                                              lambda a=a, b=b: anchor_ntx(a, b)),
         }
         for name, (ours, theirs) in cases.items():
             mine, ref = float(ours().detach()), float(theirs().detach())
             repeats = 20 if n <= 256 else 4
-            step_ours, step_theirs = (lambda: ours().backward()), (lambda: theirs().backward())
+            step_ours, step_theirs = (lambda f=ours: f().backward()), (lambda f=theirs: f().backward())
             for fn in (step_ours, step_theirs):  # warm-up
                 fn()
             ours_t, theirs_t = [], []
