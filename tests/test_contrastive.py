@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from kill_resume import BLOCK_HFX
 from safetensors.torch import load_file
 
 from hfx.resources import resource_path
@@ -59,15 +60,7 @@ def one_thread():
 
 
 # A process without hfx: the artifact must serve the stock pipeline and classes on their own.
-NO_HFX = """
-import importlib.abc, json, sys
-
-class BlockHfx(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "hfx" or name.startswith("hfx."):
-            raise ImportError(f"importing {name} is blocked in this process")
-
-sys.meta_path.insert(0, BlockHfx())
+NO_HFX = BLOCK_HFX + """import json
 import torch
 from PIL import Image
 from transformers import AutoProcessor, VisionTextDualEncoderModel, VisionTextDualEncoderProcessor, pipeline
@@ -86,6 +79,16 @@ with torch.no_grad():
 json.dump({"pipeline": [names.index(t) for t in top], "model": logits.argmax(1).tolist(),
            "pixel_values": inputs["pixel_values"].tolist()}, open(out, "w"))
 """
+
+
+def served_without_hfx(final, test, tmp_path) -> dict:
+    """Run :data:`NO_HFX` on the images of ``test`` (a digits-captions split) against the folder ``final``."""
+    images_file, out = tmp_path / "images.pt", tmp_path / "out.json"
+    torch.save([image.tobytes() for image in test["image"]], images_file)
+    done = subprocess.run([sys.executable, "-c", NO_HFX, str(final), str(images_file), str(out)], env=environment(),
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 @pytest.mark.slow
@@ -110,13 +113,7 @@ def test_loss_falls_and_the_folder_serves_the_zero_shot_pipeline_without_hfx(tmp
     from hfx.data import load
 
     test = load("digits-captions")["test"].select(range(64))  # the run's eval split
-    images_file = tmp_path / "images.pt"
-    torch.save([image.tobytes() for image in test["image"]], images_file)
-    out = tmp_path / "out.json"
-    done = subprocess.run([sys.executable, "-c", NO_HFX, str(final), str(images_file), str(out)], env=environment(),
-                          capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
-    served = json.loads(out.read_text())
+    served = served_without_hfx(final, test, tmp_path)
 
     model = VisionTextDualEncoderModel.from_pretrained(final).eval()
     tokenizer = AutoTokenizer.from_pretrained(final)
@@ -147,13 +144,7 @@ def test_a_convnext_tower_saves_and_serves_the_pipeline_in_a_fresh_process(tmp_p
     from hfx.data import load
 
     test = load("digits-captions")["test"].select(range(16))
-    images_file = tmp_path / "images.pt"
-    torch.save([image.tobytes() for image in test["image"]], images_file)
-    out = tmp_path / "out.json"
-    done = subprocess.run([sys.executable, "-c", NO_HFX, str(final), str(images_file), str(out)], env=environment(),
-                          capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
-    served = json.loads(out.read_text())
+    served = served_without_hfx(final, test, tmp_path)
     assert served["pipeline"] == served["model"]
     labels = test["label"]
     single = sum(p == y for p, y in zip(served["pipeline"], labels)) / len(labels)
