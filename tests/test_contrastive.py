@@ -68,7 +68,7 @@ from transformers import AutoProcessor, VisionTextDualEncoderModel, VisionTextDu
 folder, images_file, out = sys.argv[1:4]
 names = json.load(open(folder + "/zero_shot.json"))["class_names"]
 pipe = pipeline("zero-shot-image-classification", model=folder)
-images = [Image.frombytes("L", (32, 32), raw) for raw in torch.load(images_file)]
+images = [Image.frombytes("L", (32, 32), raw) for raw in torch.load(images_file, weights_only=True)]
 top = [pipe(image, candidate_labels=names)[0]["label"] for image in images]
 model = VisionTextDualEncoderModel.from_pretrained(folder).eval()
 processor = AutoProcessor.from_pretrained(folder)

@@ -51,7 +51,7 @@ MAE = {
 #: hfx fails, as a user without hfx would, and saves its features on the input.
 NO_HFX_FEATURES = BLOCK_HFX + """import torch
 kind, folder, inputs, output = sys.argv[1:]
-x = torch.load(inputs)
+x = torch.load(inputs, weights_only=True)
 with torch.no_grad():
     if kind == "timm":
         import timm

@@ -303,8 +303,9 @@ class ContrastiveTask(Task):
     def view_loss(self, models: dict[str, torch.nn.Module], pixels: torch.Tensor,
                   generator: torch.Generator | None = None) -> torch.Tensor:
         """The method's loss on two views of ``pixels`` drawn from ``generator`` (None: the global RNG), without
-        changing any task state: what the evaluation reports on the eval split."""
-        raise NotImplementedError
+        changing any task state: what the evaluation reports on the eval split. Each method (``simclr``,
+        ``moco``) implements it; the base class has no loss of its own."""
+        raise NotImplementedError(f"{type(self).__name__} must implement view_loss")
 
     @torch.no_grad()
     def evaluate(self, models, loader, state) -> dict[str, float]:
